@@ -1,0 +1,52 @@
+"""The `spin-mega` command line (also `python -m spin_mega`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from spin_mega.commands import COMMANDS
+from spin_mega.errors import SpinMegaError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spin-mega",
+        description="SPIN (Self-Play Fine-Tuning) on Megatron-core. Start with `spin-mega demo`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"spin_mega.commands.{name}").add_parser(sub)
+    return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    """The config file and `--set dotted.key=value` overrides, shared by every command that takes one."""
+    if config_required:
+        parser.add_argument("config", help="YAML run configuration (see configs/)")
+    else:
+        parser.add_argument("config", nargs="?", default=None, help="YAML run configuration (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=1e-7 (repeatable)",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.handler(args)
+    except SpinMegaError as exc:
+        print(f"spin-mega {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"spin-mega {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

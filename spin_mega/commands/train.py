@@ -1,0 +1,39 @@
+"""`spin-mega train CONFIG --workdir DIR [--tp N] [--pp N] [--max-steps N]`: one SPIN iteration's training."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    from spin_mega.cli import add_config_arguments
+
+    parser = sub.add_parser(
+        "train",
+        help="train one SPIN iteration on Megatron-core (under torchrun or srun for several ranks)",
+        description=(
+            "Train theta_(t+1) on SPIN pairs (prompt, chosen=human, rejected=generated) against the frozen "
+            "opponent theta_t. Resumes from the newest checkpoint in --workdir. Exits 75 after a SIGUSR1/SIGTERM "
+            "checkpoint (re-run the same command to resume)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--workdir", required=True, help="directory for checkpoints and metrics.jsonl")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (overrides parallel.tensor_parallel)")
+    parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (overrides parallel.pipeline_parallel)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from spin_mega.config import load_config
+    from spin_mega.training.trainer import train
+
+    overrides = list(args.overrides)
+    if args.tp is not None:
+        overrides.append(f"parallel.tensor_parallel={args.tp}")
+    if args.pp is not None:
+        overrides.append(f"parallel.pipeline_parallel={args.pp}")
+    cfg = load_config(args.config, overrides)
+    return train(cfg, args.workdir, max_steps=args.max_steps)

@@ -1,0 +1,327 @@
+"""Run configuration: typed dataclasses loaded from YAML, with `--set dotted.key=value` overrides.
+
+Unknown keys and values of the wrong type are rejected with a message naming the dotted key, so a typo
+in a 7B recipe fails in the first second instead of silently training with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from spin_mega.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """The transformer's shape. With `hf_config` set, the shape is read from that HF config.json (or the
+    directory holding it) and the fields below are ignored."""
+
+    hf_config: Optional[str] = None
+    architecture: Literal["llama", "mistral", "qwen2"] = "llama"
+    vocab_size: int = 512
+    hidden_size: int = 256
+    ffn_hidden_size: int = 688
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    head_dim: int = 64
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    # Llama-3 style scaling: {"rope_type": "llama3", "factor": ..., "low_freq_factor": ...,
+    # "high_freq_factor": ..., "original_max_position_embeddings": ...}
+    rope_scaling: Optional[dict] = None
+    rms_norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    # Sequence parallelism splits norms/dropout activations along the sequence when TP > 1; it is only
+    # switched on with CUDA (on CPU it buys nothing and the gloo path is for correctness).
+    sequence_parallel: bool = True
+    # Megatron's distributed optimizer shards optimizer state over data-parallel ranks (ZeRO-1). It
+    # supports Adam-family optimizers only; with RMSProp the state is replicated (see optim.py).
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class DataConfig:
+    # SFT data for generation, or SPIN pair rows (prompt, chosen, rejected) for `train`: a .jsonl,
+    # .json or .parquet file, or a directory written by `datasets.Dataset.save_to_disk`.
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    schema: Literal["auto", "ultrachat", "prompt_response", "pairs"] = "auto"
+    tokenizer: Optional[str] = None  # defaults to the start model's directory
+    max_prompt_length: int = 256
+    max_length: int = 512
+    # What to do with a prompt longer than max_prompt_length: drop the row or keep its last tokens.
+    prompt_truncation: Literal["drop", "keep_end"] = "keep_end"
+    max_samples: Optional[int] = None
+    shuffle_seed: int = 1234
+
+
+@dataclass
+class LossConfig:
+    beta: float = 0.1
+    loss_type: Literal["logistic", "hinge"] = "logistic"
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
+    lr: float = 5e-7
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    eps: float = 1e-8
+    rmsprop_alpha: float = 0.99
+    warmup_ratio: float = 0.1
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1  # pairs per micro-batch per data-parallel rank
+    global_batch_size: int = 64  # pairs per optimizer step, over all data-parallel ranks
+    epochs: float = 2.0
+    max_steps: Optional[int] = None
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    opponent: Literal["precompute", "fused"] = "precompute"
+    # How per-sequence log-probs are computed: auto picks the Triton kernels on GPU (fused with the
+    # output layer) and plain PyTorch on CPU; `reference` is the float64 PyTorch implementation.
+    logprobs: Literal["auto", "triton", "fused_linear", "torch", "reference"] = "auto"
+    seed: int = 1234
+    save_interval: int = 0  # optimizer steps between checkpoints; 0 saves only at the end
+    log_interval: int = 1
+    length_buckets: int = 8  # micro-batches are drawn from pairs of similar length to cut padding
+    recompute_activations: bool = False
+
+
+@dataclass
+class GenerationConfig:
+    backend: Literal["vllm", "hf"] = "vllm"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    batch_size: int = 64  # prompts per hf-backend batch and per flush of results to disk
+    dtype: str = "auto"
+
+
+@dataclass
+class IterationConfig:
+    """Per-iteration schedule of the SPIN loop. `lr` and `beta` are lists indexed by iteration (the last
+    entry repeats): the authors' recipe changes both between iterations."""
+
+    num_iterations: int = 3
+    lr: list[float] = field(default_factory=lambda: [5e-7, 5e-7, 1e-7, 1e-7])
+    beta: list[float] = field(default_factory=lambda: [0.1])
+    # Iteration t trains on its own pairs plus this many earlier iterations' pairs (the paper's
+    # recipe trained iteration t on the pairs of t-1 and t).
+    mix_previous_iterations: int = 1
+    num_prompts: Optional[int] = None  # prompts sampled from the SFT data per iteration; None: all
+
+
+@dataclass
+class EvalConfig:
+    eval_path: Optional[str] = None
+    max_samples: int = 64
+    max_new_tokens: int = 32
+    lm_eval_tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SpinConfig:
+    start_model: Optional[str] = None  # HF model directory, or a Megatron checkpoint written by spin-mega
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    iterations: IterationConfig = field(default_factory=IterationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks (and where lossless, converts) `value` to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-7` (no dot) as a string; users write learning rates that way.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in known:
+            dotted = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"unknown config key '{dotted}' (known keys here: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in raw.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], dotted)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    key, raw_value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    # YAML scalars: 1e-7, true, null, [1, 2] all parse as a user would expect.
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> SpinConfig:
+    raw = apply_overrides(dict(raw or {}), list(overrides or []))
+    cfg = _build(SpinConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> SpinConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return config_from_dict(raw, overrides)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: SpinConfig, path: str | Path) -> None:
+    from spin_mega.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: SpinConfig) -> None:
+    """Consistency checks that span several keys."""
+    t, p = cfg.train, cfg.parallel
+    if t.micro_batch_size < 1:
+        raise ConfigError("train.micro_batch_size must be at least 1")
+    if t.global_batch_size < t.micro_batch_size:
+        raise ConfigError("train.global_batch_size must be at least train.micro_batch_size")
+    if p.tensor_parallel < 1 or p.pipeline_parallel < 1:
+        raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be at least 1")
+    if cfg.loss.beta <= 0:
+        raise ConfigError("loss.beta must be positive")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError("optim.warmup_ratio must be in [0, 1)")
+    if cfg.iterations.num_iterations < 1:
+        raise ConfigError("iterations.num_iterations must be at least 1")
+    if not cfg.iterations.lr or not cfg.iterations.beta:
+        raise ConfigError("iterations.lr and iterations.beta need at least one entry")
+    m = cfg.model
+    if m.hf_config is None:
+        if m.num_attention_heads % m.num_query_groups:
+            raise ConfigError("model.num_attention_heads must be a multiple of model.num_query_groups")
+
+
+def per_iteration(values: list, iteration: int):
+    """The value of a per-iteration list for `iteration`; the last entry repeats."""
+    return values[min(iteration, len(values) - 1)]

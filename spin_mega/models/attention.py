@@ -1,0 +1,72 @@
+"""Core attention through PyTorch's fused scaled_dot_product_attention, for when Transformer Engine is absent.
+
+Megatron's local `DotProductAttention` materialises the [b, heads, s, s] score matrix; SDPA dispatches to
+flash / memory-efficient kernels on GPU and a blocked kernel on CPU instead. The module keeps Megatron's
+core-attention interface so it drops into the local layer spec.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Causal self-attention over [s, b, heads, head_dim] tensors; GQA without repeating K/V in memory."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism needs Transformer Engine attention")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"SDPAttention supports causal masks only, not {attn_mask_type}")
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.projection_per_partition = divide(head_dim * config.num_attention_heads, config.tensor_model_parallel_size)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        # Right padding only: under a causal mask no real token attends to a later pad, so no explicit
+        # padding mask is needed and SDPA keeps its fast causal path.
+        sq, b = query.shape[0], query.shape[1]
+        q = query.permute(1, 2, 0, 3)  # [b, heads, s, d]
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=True,
+            scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, self.projection_per_partition)

@@ -1,0 +1,72 @@
+"""The on-disk Megatron model checkpoint shared by the converter, the trainer and the loop.
+
+    DIR/spin_mega_model.json   {"model": ModelConfig fields, "dtype": "float32" | "bfloat16" | "float16",
+                                "padded_vocab_size": int, "format": 1}
+    DIR/model/                 megatron.core.dist_checkpointing (torch_dist): global tensors, so the same
+                               directory loads at any TP x PP
+    DIR/tokenizer/             the tokenizer files, carried along for export and generation
+
+Training checkpoints (training/checkpoint.py) hold the same three entries plus optimizer and trainer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from spin_mega.config import ModelConfig
+from spin_mega.errors import SpinMegaError
+
+MODEL_META = "spin_mega_model.json"
+MODEL_SUBDIR = "model"
+TOKENIZER_SUBDIR = "tokenizer"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_model_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MODEL_META).is_file() and (Path(path) / MODEL_SUBDIR).is_dir()
+
+
+def write_meta(path: str | Path, model: ModelConfig, dtype: torch.dtype, padded_vocab_size: int) -> None:
+    from spin_mega.io import atomic_write_json
+
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    atomic_write_json(
+        Path(path) / MODEL_META,
+        {"format": 1, "model": dataclasses.asdict(model), "dtype": dtype_name, "padded_vocab_size": padded_vocab_size},
+    )
+
+
+def read_meta(path: str | Path) -> tuple[ModelConfig, torch.dtype, int]:
+    meta_path = Path(path) / MODEL_META
+    if not meta_path.is_file():
+        raise SpinMegaError(f"{path} is not a spin-mega Megatron checkpoint (no {MODEL_META})")
+    meta = json.loads(meta_path.read_text())
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    return model, DTYPES[meta["dtype"]], int(meta["padded_vocab_size"])
+
+
+def save_model(model: torch.nn.Module, path: str | Path) -> None:
+    """Collective: every rank calls it with its model chunk. `path/model` must not exist yet."""
+    target = Path(path) / MODEL_SUBDIR
+    if dist.get_rank() == 0:
+        target.mkdir(parents=True, exist_ok=False)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(target))
+
+
+def load_model(model: torch.nn.Module, path: str | Path) -> None:
+    """Collective: loads the global tensors of `path/model` into this rank's shard of `model`."""
+    source = Path(path) / MODEL_SUBDIR
+    if not source.is_dir():
+        raise SpinMegaError(f"{path} holds no Megatron model checkpoint (missing {MODEL_SUBDIR}/)")
+    try:
+        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(source))
+    except Exception as exc:  # dist_checkpointing raises many types; the user needs the path and the cause
+        raise SpinMegaError(f"cannot load the Megatron checkpoint at {source}: {exc}") from exc
+    model.load_state_dict(loaded, strict=True)

@@ -1,0 +1,183 @@
+"""Megatron GPTModel for the Llama / Mistral / Qwen2 family (RMSNorm, SwiGLU, RoPE, GQA)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from spin_mega.config import ModelConfig
+from spin_mega.models.attention import SDPAttention
+
+# Megatron pads the vocabulary so each TP shard is a multiple of this (efficient GEMM tiles).
+VOCAB_DIVISIBLE_BY = 128
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    multiple = divisible_by * tensor_parallel
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def have_transformer_engine() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec() -> ModuleSpec:
+    """Transformer Engine layers when importable (GPU); otherwise Megatron's local layers with SDPA
+    attention, never the unfused attention that materialises the score matrix."""
+    if have_transformer_engine():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def transformer_config(
+    model: ModelConfig,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    recompute: bool = False,
+) -> TransformerConfig:
+    if model.num_attention_heads % tensor_parallel or model.num_query_groups % tensor_parallel:
+        from spin_mega.errors import ConfigError
+
+        raise ConfigError(
+            f"tensor parallel {tensor_parallel} must divide the attention heads ({model.num_attention_heads}) "
+            f"and key/value groups ({model.num_query_groups})"
+        )
+    if model.num_layers % pipeline_parallel:
+        from spin_mega.errors import ConfigError
+
+        raise ConfigError(
+            f"pipeline parallel {pipeline_parallel} must divide the number of layers ({model.num_layers})"
+        )
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=sequence_parallel and tensor_parallel > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        attention_softmax_in_fp32=True,
+        cross_entropy_loss_fusion=False,
+    )
+    if recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(**kwargs)
+
+
+class SpinGPTModel(GPTModel):
+    """GPTModel whose last stage returns final-normed hidden states [s, b, h] instead of logits.
+
+    SPIN needs only the labels' log-probs; returning hidden states lets the log-prob head fuse the output
+    projection with the log-softmax (no full logits in memory) or run the vocab-parallel kernel on the
+    output layer's sharded logits, whichever the config selects.
+    """
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def output_weight(self) -> torch.Tensor:
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+    def vocab_parallel_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] -> [s, b, V_padded / TP] through the output layer (handles sequence parallelism)."""
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=weight, runtime_gather_output=False)
+        return logits
+
+
+def build_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    vocab_size: Optional[int] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+) -> SpinGPTModel:
+    """The model chunk of this pipeline stage (all of it without PP)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    padded = vocab_size or padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size)
+    gpt = SpinGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(),
+        vocab_size=padded,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rope_theta),
+        rope_scaling=False,
+    )
+    if model.rope_theta != int(model.rope_theta) or model.rope_scaling:
+        _set_rotary_frequencies(gpt, model)
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
+
+
+def _set_rotary_frequencies(gpt: SpinGPTModel, model: ModelConfig) -> None:
+    """Megatron's constructor takes an integer base and hard-codes Llama-3.1's scaling constants; recompute
+    the inverse frequencies for a fractional theta or other Llama-3 scaling constants (e.g. Llama-3.2)."""
+    rope = gpt.rotary_pos_emb
+    dim = rope.inv_freq.numel() * 2
+    inv_freq = 1.0 / (
+        model.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim)
+    )
+    if model.rope_scaling:
+        s = model.rope_scaling
+        inv_freq = rope._apply_scaling(
+            inv_freq,
+            factor=s["factor"],
+            low_freq_factor=s["low_freq_factor"],
+            high_freq_factor=s["high_freq_factor"],
+            original_max_position_embeddings=s["original_max_position_embeddings"],
+        )
+    rope.inv_freq = inv_freq

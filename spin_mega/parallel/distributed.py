@@ -1,0 +1,127 @@
+"""Process-group start-up: from torchrun, from plain Slurm tasks, or as a single process.
+
+NCCL with GPUs, gloo without. Megatron's parallel_state is then set up with TP x PP x DP, DP derived.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from spin_mega.errors import SpinMegaError
+from spin_mega.parallel import cpu_shim
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list such as `gpu[03-05,07],login1` without calling scontrol (which
+    is not on every compute image)."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise SpinMegaError(f"cannot read the Slurm node list {nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{first}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def detect_launch_env() -> LaunchEnv:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        try:
+            return LaunchEnv(
+                rank=int(env["RANK"]),
+                world_size=int(env["WORLD_SIZE"]),
+                local_rank=int(env.get("LOCAL_RANK", 0)),
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", 29500)),
+                source="torchrun",
+            )
+        except ValueError as exc:
+            raise SpinMegaError(f"torchrun environment variables are not integers: {exc}") from None
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        master_addr = env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else None)
+        if not master_addr:
+            raise SpinMegaError("under Slurm, set MASTER_ADDR or SLURM_JOB_NODELIST so ranks can find rank 0")
+        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
+        # A port derived from the job id lets jobs sharing a node not collide, with no coordination.
+        master_port = int(env.get("MASTER_PORT", 20000 + job_id % 20000))
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=master_addr,
+            master_port=master_port,
+            source="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+
+
+def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> LaunchEnv:
+    """Starts torch.distributed and Megatron's model-parallel groups. Safe to call once per process."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    launch = detect_launch_env()
+    model_parallel = tensor_parallel * pipeline_parallel
+    if launch.world_size % model_parallel:
+        raise SpinMegaError(
+            f"{launch.world_size} processes cannot be split into tensor parallel {tensor_parallel} x "
+            f"pipeline parallel {pipeline_parallel}: the world size must be a multiple of {model_parallel}"
+        )
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    else:
+        cpu_shim.enable()
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=int(os.environ.get("SPIN_MEGA_DIST_TIMEOUT_MIN", "30"))),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+        )
+    model_parallel_cuda_manual_seed(seed)
+    return launch
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,140 @@
+"""Training checkpoints: model, optimizer, scheduler, data position and RNG, reshardable across TP/PP.
+
+    WORKDIR/checkpoints/step_000040/      one complete checkpoint
+        spin_mega_model.json, model/, tokenizer/    as in models/checkpoint.py (so it exports to HF as is)
+        optimizer/                                  dist_checkpointing of the optimizer state
+        trainer_state.json                          step, scheduler state, run fingerprint
+        rng/rank_00003.pt                           per-rank RNG states
+    WORKDIR/checkpoints/latest                      name of the newest complete checkpoint
+
+A checkpoint is written into `.step_000040.tmp/` and renamed when every rank has finished, then `latest` is
+replaced atomically: a crash mid-save leaves the previous checkpoint as the one resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from spin_mega.errors import SpinMegaError
+from spin_mega.io import atomic_write_json, atomic_write_text
+from spin_mega.models import checkpoint as model_ckpt
+
+KEEP_LAST = 2
+
+
+def checkpoint_root(workdir: str | Path) -> Path:
+    return Path(workdir) / "checkpoints"
+
+
+def latest_checkpoint(workdir: str | Path) -> Optional[Path]:
+    root = checkpoint_root(workdir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "trainer_state.json").is_file():
+        raise SpinMegaError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(
+    workdir: str | Path,
+    step: int,
+    policy: torch.nn.Module,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    write_meta,
+    tokenizer_dir: Optional[Path],
+) -> Path:
+    """Collective over all ranks. `write_meta(path)` writes spin_mega_model.json (rank 0 only)."""
+    root = checkpoint_root(workdir)
+    name = f"step_{step:06d}"
+    final = root / name
+    tmp = root / f".{name}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+        (tmp / "optimizer").mkdir()
+    dist.barrier()
+    model_sharded = policy.sharded_state_dict()
+    model_ckpt.save_model(policy, tmp)
+    dist_checkpointing.save(optimizer.sharded_state_dict(model_sharded), str(tmp / "optimizer"))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        write_meta(tmp)
+        state = dict(trainer_state, step=step, scheduler=scheduler.state_dict())
+        atomic_write_json(tmp / "trainer_state.json", state)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / model_ckpt.TOKENIZER_SUBDIR)
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(root / "latest", name + "\n")
+        _prune(root, keep=name)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep: str) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-KEEP_LAST]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load(path: Path, policy: torch.nn.Module, optimizer, scheduler) -> dict:
+    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns trainer_state."""
+    model_ckpt.load_model(policy, path)
+    model_sharded = policy.sharded_state_dict()
+    optim_sharded = optimizer.sharded_state_dict(model_sharded, is_loading=True)
+    try:
+        state_dict = dist_checkpointing.load(optim_sharded, str(path / "optimizer"))
+    except Exception as exc:
+        raise SpinMegaError(f"cannot load the optimizer state at {path / 'optimizer'}: {exc}") from exc
+    optimizer.load_state_dict(state_dict)
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    # A resume at another world size has no RNG file per rank; dropout-free SPIN does not depend on it.
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state

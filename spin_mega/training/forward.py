@@ -1,0 +1,133 @@
+"""One micro-batch through the pipeline: the policy, the opponent (fused mode) and the SPIN loss.
+
+Fused mode runs the frozen opponent in the same forward step as the policy, on the same micro-batch and
+under the same TP/PP schedule: between pipeline stages the two models' activations travel as one tensor,
+policy rows first and opponent rows second along the batch dimension, so the schedule's send/recv carries
+both with no extra messages. Precompute mode carries only the policy and reads the opponent's log-probs
+from the batch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from spin_mega.training.logprobs import sequence_logprobs
+from spin_mega.training.loss import spin_loss
+
+
+class PolicyOpponent(torch.nn.Module):
+    """This stage's policy chunk and, in fused mode, the opponent's chunk of the same stage."""
+
+    def __init__(self, policy: torch.nn.Module, opponent: Optional[torch.nn.Module], vocab_size: int, logprob_impl: str):
+        super().__init__()
+        self.policy = policy
+        # Held outside the module tree: the opponent is frozen and must stay out of DDP buffers,
+        # optimizer parameters and the policy's checkpoints.
+        self._opponent = [opponent] if opponent is not None else []
+        self.vocab_size = vocab_size
+        self.logprob_impl = logprob_impl
+        self._input_tensor: Optional[torch.Tensor] = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """Megatron finds model attributes (config, pre_process, the shared embedding) by following
+        `.module` through wrappers; this leads it to the policy."""
+        return self.policy
+
+    @property
+    def opponent(self) -> Optional[torch.nn.Module]:
+        return self._opponent[0] if self._opponent else None
+
+    def set_input_tensor(self, tensor) -> None:
+        if isinstance(tensor, (list, tuple)):
+            tensor = tensor[0]
+        self._input_tensor = tensor
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Non-last stages return hidden states [s, b', h]; the last stage returns per-sequence log-prob sums:
+        [2B] for the policy, followed by the opponent's [2B] in fused mode."""
+        last_stage = parallel_state.is_pipeline_last_stage()
+        incoming = self._input_tensor
+        opponent = self.opponent
+        if incoming is not None and opponent is not None:
+            half = incoming.shape[1] // 2
+            self.policy.set_input_tensor(incoming[:, :half])
+            opponent.set_input_tensor(incoming[:, half:].detach())
+        elif incoming is not None:
+            self.policy.set_input_tensor(incoming)
+        policy_hidden = self.policy(input_ids, position_ids, None)
+        if last_stage:
+            outputs = [sequence_logprobs(self.policy, policy_hidden, labels, self.vocab_size, self.logprob_impl)]
+        else:
+            outputs = [policy_hidden]
+        if opponent is not None:
+            with torch.no_grad():
+                opponent_hidden = opponent(input_ids, position_ids, None)
+                if last_stage:
+                    opponent_hidden = sequence_logprobs(opponent, opponent_hidden, labels, self.vocab_size, self.logprob_impl)
+            outputs.append(opponent_hidden)
+        return torch.cat(outputs, dim=0 if last_stage else 1)
+
+
+def _loss_func(batch: dict, beta: float, loss_type: str, fused: bool, output: torch.Tensor):
+    n = batch["input_ids"].shape[0] // 2  # pairs in this micro-batch
+    policy = output[: 2 * n]
+    if fused:
+        opponent = output[2 * n :]
+    else:
+        opponent = batch["opponent_logps"].to(policy.device)
+    out = spin_loss(policy[:n], policy[n:], opponent[:n], opponent[n:], beta=beta, loss_type=loss_type)
+    # Sums (not means) over the micro-batch's pairs, reduced later over micro-batches and DP ranks.
+    stats = torch.stack(
+        [
+            out.loss.detach() * n,
+            out.reward_chosen.sum(),
+            out.reward_rejected.sum(),
+            out.reward_accuracy.sum(),
+            torch.tensor(float(n), device=policy.device),
+            policy[:n].detach().sum(),
+            policy[n:].detach().sum(),
+        ]
+    )
+    return out.loss, {"stats": stats}
+
+
+STAT_NAMES = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "pairs", "logp_chosen", "logp_rejected")
+
+
+def make_forward_step(beta: float, loss_type: str, fused: bool) -> Callable:
+    def forward_step(data_iterator, model: PolicyOpponent):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        output = model(
+            batch["input_ids"].to(device, non_blocking=True),
+            batch["position_ids"].to(device, non_blocking=True),
+            batch["labels"].to(device, non_blocking=True),
+        )
+        return output, partial(_loss_func, batch, beta, loss_type, fused)
+
+    return forward_step
+
+
+def make_logprob_step() -> Callable:
+    """Forward-only step returning per-sequence log-probs (the precompute pass of the opponent)."""
+
+    def forward_step(data_iterator, model: PolicyOpponent):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        output = model(
+            batch["input_ids"].to(device),
+            batch["position_ids"].to(device),
+            batch["labels"].to(device),
+        )
+
+        def collect(out):
+            return torch.zeros((), device=out.device), {"logps": out.detach().float(), "index": batch["index"]}
+
+        return output, collect
+
+    return forward_step

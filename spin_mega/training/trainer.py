@@ -1,0 +1,454 @@
+"""One SPIN iteration's training on Megatron-core: TP x PP x DP, resumable, preemptible.
+
+    train(cfg, workdir) -> exit code (0 done, 75 preempted with a checkpoint saved)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from spin_mega.config import SpinConfig, config_to_dict
+from spin_mega.errors import SpinMegaError
+from spin_mega.io import atomic_write_json
+from spin_mega.models import checkpoint as model_ckpt
+from spin_mega.models.gpt import build_model, padded_vocab_size, transformer_config
+from spin_mega.models.hf_config import resolve_model_config
+from spin_mega.parallel import distributed
+from spin_mega.training import checkpoint as train_ckpt
+from spin_mega.training.forward import STAT_NAMES, PolicyOpponent, make_forward_step, make_logprob_step
+from spin_mega.training.logprobs import resolve_impl
+from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
+from spin_mega.training.telemetry import GpuTelemetry, peak_flops_per_gpu, spin_step_flops, transformer_flops_per_token
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after a signal; run the same command to resume
+OPPONENT_FILE = "opponent_logps.json"
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+class _StopFlag:
+    """Set by SIGUSR1/SIGTERM; acted on at the next optimizer-step boundary, agreed over all ranks."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _log(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"[spin-mega] {msg}", file=sys.stderr, flush=True)
+
+
+def _is_metrics_writer() -> bool:
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
+@dataclass
+class _Start:
+    """Where the initial weights (theta_t) come from and the tokenizer beside them."""
+
+    mcore_dir: Optional[Path]  # None: random initialisation from cfg.model (tests)
+    tokenizer_dir: Optional[Path]
+
+
+def _prepare_start(cfg: SpinConfig, workdir: Path) -> _Start:
+    start = cfg.start_model
+    tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    if start is None:
+        if tokenizer is None:
+            raise SpinMegaError("set start_model (an HF or spin-mega Megatron directory) or data.tokenizer")
+        return _Start(None, tokenizer)
+    start_path = Path(start)
+    if model_ckpt.is_model_checkpoint(start_path):
+        tok = start_path / model_ckpt.TOKENIZER_SUBDIR
+        return _Start(start_path, tokenizer or (tok if tok.is_dir() else None))
+    if (start_path / "config.json").is_file():
+        imported = workdir / "start_mcore"
+        if not model_ckpt.is_model_checkpoint(imported):
+            if dist.get_rank() == 0:
+                _log(f"importing the HF model {start_path} into {imported}")
+                # A separate process: the converter runs its own single-rank process group.
+                result = subprocess.run(
+                    [sys.executable, "-m", "spin_mega", "convert", "hf-to-mcore", "--hf", str(start_path), "--out", str(imported)],
+                    capture_output=True,
+                    text=True,
+                )
+                if result.returncode != 0:
+                    raise SpinMegaError(f"importing {start_path} failed: {result.stderr.strip().splitlines()[-1:]}")
+            dist.barrier()
+        tok = imported / model_ckpt.TOKENIZER_SUBDIR
+        return _Start(imported, tokenizer or (tok if tok.is_dir() else start_path))
+    raise SpinMegaError(f"start_model {start} is neither an HF model directory nor a spin-mega Megatron checkpoint")
+
+
+def _load_tokenizer(path: Optional[Path]):
+    from transformers import AutoTokenizer
+
+    if path is None:
+        raise SpinMegaError("no tokenizer: set data.tokenizer or start from a model directory that has one")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise SpinMegaError(f"cannot load a tokenizer from {path}: {exc}") from exc
+
+
+class _MicroBatches:
+    """Iterator over collated micro-batches of example indices, with opponent log-probs attached."""
+
+    def __init__(self, dataset, batches: list[list[int]], pad_id: int, opponent: Optional[dict]):
+        self.dataset = dataset
+        self.batches = batches
+        self.pad_id = pad_id
+        self.opponent = opponent
+        self.tokens = 0  # non-padding tokens
+        self.padded_tokens = 0
+        self.max_len = 0
+
+    def __iter__(self):
+        from spin_mega.data import collate_pairs
+
+        for indices in self.batches:
+            examples = [self.dataset[i] for i in indices]
+            batch = collate_pairs(examples, self.pad_id)
+            batch["index"] = torch.tensor(indices)
+            if self.opponent is not None:
+                batch["opponent_logps"] = torch.tensor(
+                    [self.opponent["chosen"][i] for i in indices] + [self.opponent["rejected"][i] for i in indices],
+                    dtype=torch.float32,
+                )
+            ids = batch["input_ids"]
+            self.tokens += sum(2 * len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples)
+            self.padded_tokens += ids.numel()
+            self.max_len = max(self.max_len, ids.shape[1])
+            yield batch
+
+
+class Trainer:
+    def __init__(self, cfg: SpinConfig, workdir: Path, max_steps: Optional[int] = None):
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.max_steps = max_steps if max_steps is not None else cfg.train.max_steps
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        p = cfg.parallel
+        self.launch = distributed.initialize(p.tensor_parallel, p.pipeline_parallel, seed=cfg.train.seed)
+        if dist.get_rank() == 0:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        self.dtype = resolve_dtype(cfg.train.precision)
+        self.start = _prepare_start(cfg, self.workdir)
+        if self.start.mcore_dir is not None:
+            self.model_cfg, _, _ = model_ckpt.read_meta(self.start.mcore_dir)
+        else:
+            self.model_cfg = resolve_model_config(cfg.model)
+        self.padded_vocab = padded_vocab_size(self.model_cfg.vocab_size, p.tensor_parallel)
+        self.tokenizer = _load_tokenizer(self.start.tokenizer_dir)
+        self._setup_data()
+        self._setup_models()
+
+    def _setup_data(self) -> None:
+        from spin_mega.data import PairBatchSampler, load_tokenized_pairs, pair_lengths, pad_token_id
+
+        cfg = self.cfg
+        if not cfg.data.train_path:
+            raise SpinMegaError("data.train_path is not set: point it at the SPIN pairs (prompt, chosen, rejected)")
+        self.dataset, stats = load_tokenized_pairs(cfg.data.train_path, self.tokenizer, cfg.data)
+        self.data_stats = stats
+        _log(f"data: {stats.summary()}")
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.sampler = PairBatchSampler(
+            pair_lengths(self.dataset),
+            micro_batch_size=cfg.train.micro_batch_size,
+            global_batch_size=cfg.train.global_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=self.dp_size,
+            seed=cfg.train.seed,
+            num_buckets=cfg.train.length_buckets,
+        )
+        total = self.sampler.steps_for_epochs(cfg.train.epochs)
+        if self.max_steps is not None:
+            total = min(total, self.max_steps)
+        self.total_steps = max(1, total)
+        self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
+
+    def _build(self) -> torch.nn.Module:
+        p = self.cfg.parallel
+        tconfig = transformer_config(
+            self.model_cfg,
+            p.tensor_parallel,
+            p.pipeline_parallel,
+            dtype=self.dtype,
+            sequence_parallel=p.sequence_parallel and torch.cuda.is_available(),
+            recompute=self.cfg.train.recompute_activations,
+        )
+        # Variable-length micro-batches (length bucketing) need shapes exchanged between stages.
+        tconfig.variable_seq_lengths = True
+        return build_model(self.model_cfg, tconfig, vocab_size=self.padded_vocab)
+
+    def _setup_models(self) -> None:
+        cfg = self.cfg
+        self.fused = cfg.train.opponent == "fused"
+        policy = self._build()
+        if self.start.mcore_dir is not None:
+            model_ckpt.load_model(policy, self.start.mcore_dir)
+        opponent = None
+        if self.fused:
+            opponent = self._build()
+            opponent.load_state_dict(policy.state_dict())
+            opponent.requires_grad_(False)
+            opponent.eval()
+        self.logprob_impl = resolve_impl(cfg.train.logprobs)
+        module = PolicyOpponent(policy, opponent, self.model_cfg.vocab_size, self.logprob_impl)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=uses_distributed_optimizer(cfg.optim, cfg.parallel.distributed_optimizer),
+        )
+        self.model = DistributedDataParallel(config=policy.config, ddp_config=ddp_config, module=module)
+        self.policy = policy
+        self.optimizer = build_optimizer(cfg.optim, [self.model], self.dtype, cfg.parallel.distributed_optimizer)
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
+        config = policy.config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self.model.no_sync
+        config.grad_scale_func = self.optimizer.scale_loss if self.dtype == torch.float16 else None
+        self.num_params = sum(p.numel() for p in policy.parameters())
+
+    # ---- opponent precompute ------------------------------------------------------------------------
+    def _precompute_opponent(self) -> dict:
+        """Per-sequence log-probs of theta_t on every pair, computed once before the first update and kept
+        in the work directory (`opponent_logps.json`, with the prompt ids) so a resume reuses them."""
+        path = self.workdir / OPPONENT_FILE
+        n = len(self.dataset)
+        if path.is_file():
+            table = json.loads(path.read_text())
+            if len(table["chosen"]) == n:
+                return table
+        if "opponent_chosen_logp" in self.dataset.column_names:
+            cols = self.dataset.with_format(None)
+            return {"chosen": list(cols["opponent_chosen_logp"]), "rejected": list(cols["opponent_rejected_logp"])}
+        _log(f"precomputing opponent log-probs for {n} pairs")
+        mbs = self.cfg.train.micro_batch_size
+        # Forward-only passes need no data-parallel synchronisation, so DP ranks may run unequal counts.
+        mine = list(range(parallel_state.get_data_parallel_rank(), n, self.dp_size))
+        batches = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
+        chosen = torch.zeros(n, dtype=torch.float64, device=_device())
+        rejected = torch.zeros(n, dtype=torch.float64, device=_device())
+        data = _MicroBatches(self.dataset, batches, self.pad_id, None)
+        self.model.eval()
+        with torch.no_grad():
+            outputs = get_forward_backward_func()(
+                forward_step_func=make_logprob_step(),
+                data_iterator=iter(data),
+                model=[self.model],
+                num_microbatches=len(batches),
+                seq_length=self.cfg.data.max_length,
+                micro_batch_size=2 * mbs,
+                forward_only=True,
+            )
+        self.model.train()
+        if parallel_state.is_pipeline_last_stage():
+            for out in outputs:
+                idx = out["index"].to(chosen.device)
+                chosen[idx] = out["logps"][: idx.numel()].double()
+                rejected[idx] = out["logps"][idx.numel() : 2 * idx.numel()].double()
+        # Every index was computed by exactly one DP rank, so a sum over DP assembles the whole table.
+        for t in (chosen, rejected):
+            dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        # Only the last stage computed the sums; the other stages learn them by a broadcast from it.
+        last = parallel_state.get_pipeline_model_parallel_last_rank()
+        for t in (chosen, rejected):
+            dist.broadcast(t, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+        table = {"chosen": chosen.tolist(), "rejected": rejected.tolist(), "prompt_id": list(self.dataset["prompt_id"])}
+        if dist.get_rank() == 0:
+            atomic_write_json(path, table)
+        dist.barrier()
+        return table
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def _write_meta(self, path: Path) -> None:
+        model_ckpt.write_meta(path, self.model_cfg, self.dtype, self.padded_vocab)
+
+    def _save(self, step: int) -> Path:
+        return train_ckpt.save(
+            self.workdir,
+            step,
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            {"total_steps": self.total_steps, "config": config_to_dict(self.cfg)},
+            self._write_meta,
+            self.start.tokenizer_dir,
+        )
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drops metrics logged after the checkpoint being resumed, so the file reads as one clean run."""
+        path = self.workdir / "metrics.jsonl"
+        if not (_is_metrics_writer() and path.is_file()):
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the interruption
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def run(self) -> int:
+        self.setup()
+        cfg = self.cfg
+        opponent_table = None if self.fused else self._precompute_opponent()
+        start_step = 0
+        latest = train_ckpt.latest_checkpoint(self.workdir)
+        if latest is not None:
+            state = train_ckpt.load(latest, self.policy, self.optimizer, self.scheduler)
+            start_step = int(state["step"])
+            _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
+        self._truncate_metrics(start_step)
+        if start_step >= self.total_steps:
+            _log("training already complete")
+            return 0
+
+        stop = _StopFlag()
+        stop.install()
+        telemetry = GpuTelemetry()
+        forward_backward = get_forward_backward_func()
+        forward_step = make_forward_step(cfg.loss.beta, cfg.loss.loss_type, self.fused)
+        writer = _is_metrics_writer()
+        progress = None
+        if writer:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=start_step, desc="SPIN training", unit="step", file=sys.stderr)
+        metrics_path = self.workdir / "metrics.jsonl"
+        peak = peak_flops_per_gpu()
+        m = self.model_cfg
+        embed_params = self.padded_vocab * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+        try:
+            for step in range(start_step, self.total_steps):
+                t0 = time.perf_counter()
+                batches = self.sampler.microbatches_for_step(step)
+                data = _MicroBatches(self.dataset, batches, self.pad_id, opponent_table)
+                self.model.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                outputs = forward_backward(
+                    forward_step_func=forward_step,
+                    data_iterator=iter(data),
+                    model=[self.model],
+                    num_microbatches=self.num_microbatches,
+                    seq_length=cfg.data.max_length,
+                    micro_batch_size=2 * cfg.train.micro_batch_size * (2 if self.fused else 1),
+                    forward_only=False,
+                )
+                lr = self.optimizer.param_groups[0]["lr"]
+                ok, grad_norm, _ = self.optimizer.step()
+                if not ok:
+                    raise SpinMegaError(f"the optimizer step at step {step + 1} failed (non-finite gradients)")
+                self.scheduler.step(increment=1)
+                step_time = time.perf_counter() - t0
+                done = step + 1
+                stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=_device())
+                for out in outputs or []:
+                    stats += out["stats"].double()
+                tokens = torch.tensor([data.tokens, data.padded_tokens], dtype=torch.float64, device=_device())
+                if parallel_state.is_pipeline_last_stage():
+                    dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+                dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+                if writer:
+                    pairs = max(stats[STAT_NAMES.index("pairs")].item(), 1.0)
+                    row = {"step": done, **{name: stats[i].item() / pairs for i, name in enumerate(STAT_NAMES) if name != "pairs"}}
+                    row["reward_margin"] = row["reward_chosen"] - row["reward_rejected"]
+                    row["pairs"] = int(pairs)
+                    row["lr"] = lr
+                    row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+                    row["tokens_per_s"] = tokens[0].item() / step_time
+                    row["padding_fraction"] = 1.0 - tokens[0].item() / max(tokens[1].item(), 1.0)
+                    row["step_time_s"] = step_time
+                    if peak is not None:
+                        fwd = transformer_flops_per_token(
+                            self.num_params * cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel - embed_params,
+                            m.num_layers,
+                            m.hidden_size,
+                            data.max_len,
+                            m.vocab_size,
+                        )
+                        world = dist.get_world_size()
+                        row["mfu"] = spin_step_flops(fwd, int(tokens[1].item()), self.fused) / (step_time * peak * world)
+                    row.update(telemetry.sample())
+                    with open(metrics_path, "a") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
+                save_due = cfg.train.save_interval and done % cfg.train.save_interval == 0 and done < self.total_steps
+                if stop.agreed():
+                    self._save(done)
+                    _log(f"stopped by a signal after step {done}; checkpoint saved, re-run the same command to resume")
+                    return EXIT_PREEMPTED
+                if save_due:
+                    self._save(done)
+            self._save(self.total_steps)
+            if dist.get_rank() == 0:
+                atomic_write_json(
+                    self.workdir / "train_summary.json",
+                    {"steps": self.total_steps, "data": self.data_stats.as_dict(), "checkpoint": str(train_ckpt.latest_checkpoint(self.workdir))},
+                )
+            return 0
+        finally:
+            stop.restore()
+            if progress is not None:
+                progress.close()
+
+
+def train(cfg: SpinConfig, workdir: str | Path, max_steps: Optional[int] = None) -> int:
+    trainer = Trainer(cfg, Path(workdir), max_steps=max_steps)
+    try:
+        return trainer.run()
+    finally:
+        distributed.shutdown()

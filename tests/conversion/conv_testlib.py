@@ -1,0 +1,107 @@
+"""Tiny random HF models (built by transformers from configs, no downloads) with the shared test tokenizer,
+and helpers to compare safetensors directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tests.support import build_tokenizer
+
+VOCAB = 1000  # Megatron pads it to 1024 at TP=1 and TP=2: the padding path is exercised
+
+# head_dim 64 (vLLM's CPU attention refuses smaller heads); 4 layers so PP=2 puts 2 on each stage; GQA
+# with 2 key/value groups so TP=2 splits the groups.
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    # the ids of tests.support's tokenizer
+    bos_token_id=2,
+    eos_token_id=3,
+    pad_token_id=1,
+)
+
+ARCH_CONFIGS = {
+    "llama": dict(
+        _COMMON,
+        model_type="llama",
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "mistral": dict(_COMMON, model_type="mistral", tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=None),
+    "qwen2": dict(_COMMON, model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False),
+}
+
+
+def hf_config(arch: str):
+    from transformers import AutoConfig
+
+    cfg = dict(ARCH_CONFIGS[arch])
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def build_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(arch), dtype=dtype)
+    with torch.no_grad():
+        # Random norms and biases (init leaves them at 1 and 0) so a swapped or mis-sliced one shows.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def save_hf_model(arch: str, path: Path, dtype: torch.dtype = torch.float32, max_shard_size="300KB"):
+    """Saves a tiny model, sharded (the index path of the reader is exercised), with its tokenizer."""
+    model = build_hf_model(arch, dtype=dtype)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    build_tokenizer(Path(path))
+    return model
+
+
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def token_batch(seed: int = 0, batch: int = 2, length: int = 96) -> torch.Tensor:
+    """Longer than the llama config's original_max_position_embeddings (64), so the llama3 rope scaling
+    matters for the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=generator)
+
+
+def assert_same_tensors(expected_dir: Path, actual_dir: Path) -> None:
+    """Same names, dtypes, shapes and bits."""
+    expected, actual = read_safetensors_dir(expected_dir), read_safetensors_dir(actual_dir)
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert actual[name].shape == tensor.shape, name
+        assert torch.equal(actual[name], tensor), name

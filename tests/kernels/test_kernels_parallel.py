@@ -1,0 +1,17 @@
+"""Vocab-parallel log-probs and the vocab-parallel fused-linear path on 2 gloo ranks equal the unsharded
+results, forward and backward, with and without vocabulary padding."""
+
+from __future__ import annotations
+
+import torch.multiprocessing as mp
+from kernel_dist_workers import free_port, fused_linear_worker, vocab_parallel_worker
+
+WORLD = 2
+
+
+def test_vocab_parallel_equals_unsharded() -> None:
+    mp.spawn(vocab_parallel_worker, args=(WORLD, free_port()), nprocs=WORLD, join=True)
+
+
+def test_fused_linear_vocab_parallel_equals_unsharded() -> None:
+    mp.spawn(fused_linear_worker, args=(WORLD, free_port()), nprocs=WORLD, join=True)

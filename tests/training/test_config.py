@@ -1,0 +1,49 @@
+"""Config loading: typed dataclasses, --set overrides, clear errors naming the dotted key."""
+
+from __future__ import annotations
+
+import pytest
+
+from spin_mega.config import load_config, per_iteration
+from spin_mega.errors import ConfigError
+from tests.support import REPO
+
+
+def test_shipped_configs_load():
+    tiny = load_config(REPO / "configs" / "tiny-cpu.yaml")
+    assert tiny.model.head_dim >= 64  # vLLM's CPU attention needs it
+    paper = load_config(REPO / "configs" / "zephyr-7b-spin.yaml")
+    assert paper.optim.optimizer == "rmsprop" and paper.train.global_batch_size == 64
+    assert paper.iterations.lr == [5e-7, 5e-7, 1e-7, 1e-7]
+
+
+def test_overrides_are_typed():
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", ["optim.lr=1e-7", "train.opponent=fused", "iterations.beta=[0.1, 5.0]"])
+    assert cfg.optim.lr == 1e-7 and cfg.train.opponent == "fused" and cfg.iterations.beta == [0.1, 5.0]
+    assert per_iteration(cfg.iterations.beta, 7) == 5.0
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.micro_batchsize=2", "train.micro_batchsize"),
+        ("optim.lr=fast", "optim.lr"),
+        ("train.opponent=both", "train.opponent"),
+        ("parallel.tensor_parallel=1.5", "parallel.tensor_parallel"),
+        ("nonsense", "dotted.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(REPO / "configs" / "tiny-cpu.yaml", [override])
+
+
+def test_inconsistent_values_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="max_prompt_length"):
+        load_config(None, ["data.max_prompt_length=600", "data.max_length=512"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2]\n")
+    with pytest.raises(ConfigError, match="model"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
