@@ -1,7 +1,7 @@
 """Hugging Face safetensors, read lazily and written as a stream.
 
-Reading opens every shard with `safe_open` (which reads only the header) and materialises one tensor at a
-time. Writing lays out a shard's header from the tensors' names, dtypes and shapes, which the converter
+Reading validates every shard with `safe_open` (which reads only the header) and materialises one tensor at
+a time. Writing lays out a shard's header from the tensors' names, dtypes and shapes, which the converter
 knows before it has any data, then appends each tensor's bytes as it is produced: no shard is ever held in
 memory, so the shard size is free to follow the usual Hugging Face convention.
 """
@@ -47,19 +47,20 @@ class SafetensorsReader:
             other = sorted(p.name for p in self.dir.glob("*.bin")) if self.dir.is_dir() else []
             hint = f" (found {', '.join(other)}: convert them to safetensors first)" if other else ""
             raise SpinMegaError(f"{self.dir} holds no {SINGLE_NAME} or {INDEX_NAME}{hint}")
-        self._handles = {}
         self._where: dict[str, str] = {}
+        self._layout: dict[str, tuple[int, dict]] = {}
         for name in files:
             path = self.dir / name
             if not path.is_file():
                 raise SpinMegaError(f"safetensors shard {path} listed in {INDEX_NAME} is missing")
             try:
-                handle = safe_open(str(path), framework="pt")
+                with safe_open(str(path), framework="pt") as handle:  # validates the header and file size
+                    keys = list(handle.keys())
             except (SafetensorError, OSError, ValueError) as exc:
                 raise SpinMegaError(f"{path} is not a readable safetensors file ({exc})") from None
-            self._handles[name] = handle
-            for key in handle.keys():
+            for key in keys:
                 self._where[key] = name
+            self._layout[name] = _read_header(path)
         if weight_map is not None:
             for key, name in weight_map.items():
                 if self._where.get(key) != name:
@@ -71,21 +72,40 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def _slice(self, name: str):
-        return self._handles[self._where[name]].get_slice(name)
+    def _entry(self, name: str) -> dict:
+        return self._layout[self._where[name]][1][name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return tuple(self._entry(name)["shape"])
 
     def dtype(self, name: str) -> str:
-        return self._slice(name).get_dtype()
+        return self._entry(name)["dtype"]
 
     def get(self, name: str) -> torch.Tensor:
-        shard = self.dir / self._where[name]
+        """Reads the tensor's bytes into fresh memory. Not through safetensors' memory map: the pages of a
+        mapped file that have been touched stay in the process's resident set, which would grow to the
+        whole checkpoint."""
+        file = self._where[name]
+        data_start, header = self._layout[file]
+        entry = header[name]
+        start, end = entry["data_offsets"]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
         try:
-            return self._handles[self._where[name]].get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise SpinMegaError(f"cannot read {name} from {shard} ({exc})") from None
+            with open(self.dir / file, "rb") as handle:
+                handle.seek(data_start + start)
+                read = handle.readinto(memoryview(buffer.numpy()))
+        except OSError as exc:
+            raise SpinMegaError(f"cannot read {name} from {self.dir / file} ({exc})") from None
+        if read != end - start:
+            raise SpinMegaError(f"{self.dir / file} ends inside tensor {name}")
+        return buffer.view(CODE_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data, header) of a safetensors file that safe_open has already validated."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return 8 + length, json.loads(handle.read(length))
 
 
 def shard_name(index: int, count: int) -> str:

@@ -83,6 +83,10 @@ def token_logprobs(
     Raises:
         ValueError: for a label outside [0, vocab_size) other than `ignore_index`, or mismatched shapes.
 
+    Backend: the Triton kernels for CUDA tensors (and for CPU tensors when `TRITON_INTERPRET=1` was set
+    before the first import); otherwise a row-chunked plain-PyTorch float32 implementation with the same
+    semantics, so the trainer calls this everywhere. `spin_mega.kernels.backend_for(logits)` says which.
+
     A -inf logit is fine (probability 0, no NaN) as long as a row has some finite valid logit; a +inf
     logit, or a non-ignored row whose valid logits are all -inf, has no finite log-probability.
     """

@@ -71,12 +71,14 @@ def backward_grad(
         local = lab - label_offset
         owned = active & (local >= 0) & (local < n_valid)
         g = torch.where(active, grad_out[r0:r1].float(), 0.0)
-        x = logits[r0:r1, :n_valid].float()
-        # Ignored rows carry lse = -inf; masking them before the exp keeps inf out of the product.
-        p = torch.where(active[:, None], torch.exp(x - torch.where(active, lse[r0:r1], 0.0)[:, None]), 0.0)
-        grad = -g[:, None] * p
-        rows = torch.nonzero(owned).squeeze(1)
-        grad[rows, local[rows]] += g[rows]
+        # An owned float32 copy (`.float()` would alias float32 logits), updated in place: one buffer,
+        # five passes. Ignored rows may hold anything (their exp can overflow): they are zeroed last.
+        grad = logits[r0:r1, :n_valid].to(torch.float32, copy=True)
+        grad.sub_(torch.where(active, lse[r0:r1], 0.0)[:, None]).exp_().mul_(-g[:, None])
+        grad.masked_fill_(~active[:, None], 0.0)
+        if n_valid > 0:
+            label_col = local.clamp(0, n_valid - 1)[:, None]
+            grad.scatter_add_(1, label_col, torch.where(owned, g, 0.0)[:, None])
         out[r0:r1, :n_valid] = grad.to(out.dtype)
         out[r0:r1, n_valid:] = 0
     return out

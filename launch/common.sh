@@ -47,7 +47,7 @@ spin_die() {
 }
 
 spin_log() {
-  echo "[spin-mega launch $(date '+%F %T')] $*"
+  echo "[spin-mega launch $(date '+%F %T')] $*" >&2
 }
 
 _spin_is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
@@ -113,6 +113,7 @@ spin_parse_args() {
   for name in SPIN_GPUS_PER_NODE SPIN_SIGNAL_SECONDS SPIN_MAX_RESTARTS SPIN_TASK_EXIT_WAIT; do
     _spin_is_uint "${!name}" || spin_die "$name must be a whole number, got '${!name}'"
   done
+  if [ -n "${SPIN_TASKS_PER_NODE:-}" ]; then SPIN_TASKS_PER_NODE_GIVEN=1; else SPIN_TASKS_PER_NODE_GIVEN=0; fi
   if [ -z "${SPIN_TASKS_PER_NODE:-}" ]; then
     if [ "$SPIN_GPUS_PER_NODE" -gt 0 ]; then SPIN_TASKS_PER_NODE=$SPIN_GPUS_PER_NODE; else SPIN_TASKS_PER_NODE=1; fi
   fi
@@ -382,11 +383,11 @@ while i < len(args):
 try:
     cfg = load_config(config, overrides)
 except SpinMegaError as exc:
-    print(f"config {config}: {exc}", file=sys.stderr)
+    print(f"spin-mega launch: error: config {config}: {exc}", file=sys.stderr)
     sys.exit(2)
 print(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.global_batch_size, cfg.train.micro_batch_size)
 PY
-) || spin_die "the run configuration cannot be used (message above)"
+) || exit "$SPIN_EX_USAGE"
   read -r SPIN_CFG_TP SPIN_CFG_PP SPIN_CFG_GBS SPIN_CFG_MBS <<<"$out"
 }
 

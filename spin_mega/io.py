@@ -12,13 +12,23 @@ from pathlib import Path
 from typing import Iterator
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def _default_file_mode() -> int:
+    # mkstemp creates files 0600; outputs should get the permissions an ordinary open() would give.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator:
+    """A file handle on a temporary sibling of `path`; renamed onto `path` when the block completes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _default_file_mode())
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -26,6 +36,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as handle:
+        handle.write(text)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

@@ -1,12 +1,37 @@
-"""`spin-mega run`."""
+"""`spin-mega run CONFIG --workdir DIR`: the whole SPIN loop, resumable."""
+
+from __future__ import annotations
+
+import argparse
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("run", help="(not yet available)")
+    from spin_mega.cli import add_config_arguments
+
+    parser = sub.add_parser(
+        "run",
+        help="run the SPIN loop: generate, train, export, evaluate for each iteration (resumable)",
+        description=(
+            "For t = 0..T-1: theta_t generates responses to the SFT prompts, theta_(t+1) is trained to prefer the "
+            "human responses, exported to HF and evaluated. Re-running the same command resumes at the first "
+            "unfinished stage; without CONFIG the work directory's saved config.yaml is used."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(parser, config_required=False)
+    parser.add_argument("--workdir", required=True, help="directory holding every output of the run")
+    parser.add_argument("--nproc", type=int, default=None, help="training processes on this node (default: GPUs, or 1)")
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from spin_mega.errors import SpinMegaError
+    from pathlib import Path
 
-    raise SpinMegaError("spin-mega run is not available in this build yet")
+    import torch
+
+    from spin_mega.loop import SpinLoop, load_run_config
+
+    workdir = Path(args.workdir)
+    cfg = load_run_config(args.config, args.overrides, workdir)
+    nproc = args.nproc or max(torch.cuda.device_count(), 1)
+    return SpinLoop(cfg, workdir, nproc=nproc).run()

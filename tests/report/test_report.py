@@ -1,0 +1,260 @@
+"""`spin-mega report` on synthetic work directories: no model, no GPU, a few seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from spin_mega.errors import SpinMegaError
+from spin_mega.report import PLOTS, write_report
+from tests.support import REPO
+
+BASELINE = {"heldout_logp_per_token": -1.9, "heldout_reward_accuracy": None, "exact_match": 0.30, "num_samples": 50}
+EVALS = {
+    0: {"heldout_logp_per_token": -1.7, "heldout_reward_accuracy": 0.8125, "exact_match": 0.36, "num_samples": 50},
+    1: {"heldout_logp_per_token": -1.6, "heldout_reward_accuracy": 0.875, "exact_match": 0.42, "num_samples": 50},
+}
+STEPS = 12
+
+
+def _metrics(t: int, steps: int) -> list[dict]:
+    rows = []
+    for step in range(1, steps + 1):
+        # Step 1 sits exactly at ln 2, as a real run's does; later steps drift down and apart.
+        margin = 0.0 if step == 1 else 0.15 * (step - 1) / (t + 1)
+        rows.append(
+            {
+                "step": step,
+                "loss": math.log1p(math.exp(-margin)),
+                "reward_chosen": margin / 2,
+                "reward_rejected": -margin / 2,
+                "reward_margin": margin,
+                "reward_accuracy": 0.0 if step == 1 else min(1.0, 0.5 + 0.05 * step),
+                "lr": 5e-7,
+                "grad_norm": 1.0 / step,
+                "tokens_per_s": 1000.0,
+            }
+        )
+    return rows
+
+
+def _generations(t: int, n: int = 20) -> list[dict]:
+    rows = []
+    for i in range(n):
+        human = " ".join(["word"] * (10 + i))
+        generated = " ".join(["gen"] * (5 + (i % 7) + 3 * t))
+        rows.append(
+            {
+                "prompt_id": f"p{i}",
+                "prompt": f"question {i}",
+                "chosen": human,
+                "rejected": generated,
+                "meta": {"num_tokens": 2 * len(generated.split())},
+            }
+        )
+    return rows
+
+
+def _entry(t: int, with_eval: bool = True) -> dict:
+    rows = _metrics(t, STEPS)
+    gens = _generations(t)
+    entry = {
+        "iteration": t,
+        "train": {
+            "steps": STEPS,
+            "final_loss": rows[-1]["loss"],
+            "final_reward_accuracy": rows[-1]["reward_accuracy"],
+            "final_reward_margin": rows[-1]["reward_margin"],
+        },
+        "generation": {
+            "num_prompts": len(gens),
+            "mean_response_tokens": sum(g["meta"]["num_tokens"] for g in gens) / len(gens),
+            "mean_chosen_tokens": 20.0,
+        },
+    }
+    if with_eval:
+        entry["eval"] = EVALS[t]
+    return entry
+
+
+def make_workdir(root: Path, control_em: float | None = 0.40, control_logp: float = -1.65, finished: int = 2) -> Path:
+    """Two iterations' metrics and generations; the first `finished` of them have an evaluation."""
+    workdir = root / "work"
+    for t in range(2):
+        train = workdir / f"iter_{t}" / "train"
+        train.mkdir(parents=True)
+        (train / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _metrics(t, STEPS)))
+        (workdir / f"iter_{t}" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _generations(t)))
+    summary = {
+        "iterations": [_entry(t, with_eval=t < finished) for t in range(2)],
+        "baseline": {"eval": BASELINE},
+        "sft_control": {
+            "steps": 24,
+            "eval": {"heldout_logp_per_token": control_logp, "heldout_reward_accuracy": None, "exact_match": control_em, "num_samples": 50},
+        },
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    return workdir
+
+
+def _row(report: str, first_cell: str) -> list[str]:
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row starting with {first_cell!r} in:\n{report}")
+
+
+def _assert_pngs(report_dir: Path, names) -> None:
+    for name in names:
+        path = report_dir / PLOTS[name]
+        assert path.stat().st_size > 5000, path
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            image.verify()
+            assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_full_run_report(tmp_path):
+    workdir = make_workdir(tmp_path)
+    report_path = write_report(workdir)
+    assert report_path == workdir / "report" / "report.md"
+    _assert_pngs(report_path.parent, PLOTS)
+    report = report_path.read_text()
+    for name in PLOTS.values():
+        assert f"]({name})" in report  # relative, so the report directory can be moved or served as is
+
+    first = _row(report, "0")
+    final0 = _metrics(0, STEPS)[-1]
+    assert first[1:] == [
+        "finished",
+        str(STEPS),
+        f"{final0['loss']:.4f}",
+        f"{final0['reward_accuracy']:.4f}",
+        "0.3600",
+        "-1.7000",
+        "0.8125",
+        f"{sum(len(g['rejected'].split()) for g in _generations(0)) / 20:.1f}",
+    ]
+    assert "mean generated length (words)" in report
+    second = _row(report, "1")
+    assert second[5:8] == ["0.4200", "-1.6000", "0.8750"]
+    assert _row(report, "θ0 (start)")[5:8] == ["0.3000", "-1.9000", "–"]
+    assert _row(report, "SFT control")[2] == "24"
+    assert _row(report, "SFT control")[5] == "0.4000"
+    assert (
+        "SPIN beat the SFT control on the held-out task metric in this run: held-out exact match 0.4200 after "
+        "iteration 1 versus 0.4000 for the SFT control." in report
+    )
+    assert "Unfinished" not in report
+    assert "iteration 0: 0.693147" in report
+
+
+def test_spin_did_not_beat_control(tmp_path):
+    report = write_report(make_workdir(tmp_path, control_em=0.50)).read_text()
+    assert "SPIN did not beat the SFT control" in report
+    assert "held-out exact match 0.4200 after iteration 1 versus 0.5000 for the SFT control." in report
+
+
+def test_verdict_falls_back_to_logp_without_exact_match(tmp_path):
+    report = write_report(make_workdir(tmp_path, control_em=None, control_logp=-1.5)).read_text()
+    assert "SPIN did not beat the SFT control" in report
+    assert "held-out log-likelihood per token -1.6000 after iteration 1 versus -1.5000" in report
+    assert "log-likelihood is used" in report
+
+
+def test_unfinished_run_still_reports(tmp_path):
+    workdir = make_workdir(tmp_path, finished=1)
+    # A trainer still appending: iteration 1 has fewer steps and a torn last line.
+    metrics = workdir / "iter_1" / "train" / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in _metrics(1, 5)) + '{"step": 6, "lo')
+    summary = json.loads((workdir / "summary.json").read_text())
+    del summary["iterations"][1]["train"]
+    (workdir / "summary.json").write_text(json.dumps(summary))
+
+    report = write_report(workdir).read_text()
+    _assert_pngs(workdir / "report", PLOTS)
+    second = _row(report, "1")
+    assert second[1:3] == ["unfinished", "5"]
+    assert second[3] == f"{_metrics(1, 5)[-1]['loss']:.4f}"
+    assert second[5:8] == ["–", "–", "–"]
+    assert "iteration 1 (20 generations, training metrics up to step 5, no evaluation yet)" in report
+    # The verdict uses the last finished iteration (0: 0.36 < 0.40).
+    assert "SPIN did not beat the SFT control" in report
+    assert "0.3600 after iteration 0 versus 0.4000" in report
+
+
+def test_length_plot_uses_tokens_when_both_sides_have_counts(tmp_path):
+    workdir = make_workdir(tmp_path)
+    for t in range(2):
+        rows = _generations(t)
+        for row in rows:
+            row["meta"]["chosen_num_tokens"] = 2 * len(row["chosen"].split())
+        (workdir / f"iter_{t}" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_report(workdir).read_text()
+    assert "mean generated length (tokens)" in report
+    mean_tokens = sum(r["meta"]["num_tokens"] for r in _generations(1)) / 20
+    assert _row(report, "1")[-1] == f"{mean_tokens:.1f}"
+    _assert_pngs(workdir / "report", ["lengths"])
+
+
+def test_missing_generations_fall_back_to_summary(tmp_path):
+    workdir = make_workdir(tmp_path)
+    (workdir / "iter_0" / "generations.jsonl").unlink()
+    report = write_report(workdir).read_text()
+    assert _row(report, "0")[-1] == f"{_entry(0)['generation']['mean_response_tokens']:.1f} (summary.json)"
+    _assert_pngs(workdir / "report", ["lengths"])
+
+
+def test_metrics_only_without_summary(tmp_path):
+    workdir = make_workdir(tmp_path)
+    write_report(workdir)
+    (workdir / "summary.json").unlink()
+    report = write_report(workdir).read_text()
+    _assert_pngs(workdir / "report", ["loss", "rewards", "lengths"])
+    # Nothing evaluated now: the held-out plot of the earlier report must not linger beside this one.
+    assert not (workdir / "report" / PLOTS["heldout"]).exists()
+    assert "Not drawn: no evaluation yet." in report
+    assert "no SFT control" in report
+
+    # The loop writes theta_0's evaluation before any summary exists.
+    (workdir / "baseline_eval.json").write_text(json.dumps(BASELINE))
+    report = write_report(workdir).read_text()
+    assert _row(report, "θ0 (start)")[5:7] == ["0.3000", "-1.9000"]
+    _assert_pngs(workdir / "report", ["heldout"])
+
+
+def test_empty_workdir_is_a_user_error(tmp_path):
+    with pytest.raises(SpinMegaError, match="nothing to report"):
+        write_report(tmp_path)
+    assert not (tmp_path / "report").exists()
+
+
+def test_cli_missing_workdir_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "spin_mega", "report", "/nonexistent/spin-workdir"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "does not exist" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_writes_report(tmp_path):
+    workdir = make_workdir(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "spin_mega", "report", str(workdir)], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (workdir / "report" / "report.md").is_file()
