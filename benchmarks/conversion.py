@@ -7,11 +7,12 @@ The source is a TinyLlama-shaped model cut to 16 layers (hidden 2048, 32 heads i
 building it needs no model in memory either. Each direction runs in a fresh process that reports:
 
   seconds      wall time of the conversion call alone (imports excluded)
+  cpu_seconds  user + system CPU time of that call (the machine is shared: wall time includes waiting)
   gb_per_s     weight bytes converted (the HF tensors, 1e9 bytes per GB) per second
   peak_rss_gb  the process's peak resident set (getrusage), which also counts pages of memory-mapped
                input files that were touched; baseline_rss_gb is the same process before converting
-  peak_anon_gb peak of resident memory that is not file-backed (sampled every 20 ms): what the
-               conversion itself holds
+  peak_anon_gb peak of resident memory that is not file-backed (sampled every 20 ms); minus
+               baseline_anon_gb (imports) it is what the conversion itself holds
 
 The round trip is then checked bit-exact, tensor by tensor.
 """
@@ -61,7 +62,7 @@ def _write_source(path: Path, dtype_name: str) -> int:
     tensors = []
     for rule in ARCHITECTURES["llama"].active_rules(model):
         for layer in range(dims.layers) if rule.per_layer else [None]:
-            tensors += list(zip(rule.hf_names(layer), rule.hf_shapes(dims)))
+            tensors += list(zip(rule.hf_names(layer), rule.hf_shapes(dims), strict=True))
     element = torch.empty((), dtype=dtype).element_size()
     sizes = [element * torch.Size(shape).numel() for _, shape in tensors]
     path.mkdir(parents=True)
@@ -90,7 +91,8 @@ def _child(direction: str, source: str, target: str) -> None:
     import spin_mega.models.gpt  # noqa: F401
 
     proc = psutil.Process()
-    baseline = proc.memory_info().rss
+    info = proc.memory_info()
+    baseline, baseline_anon = info.rss, info.rss - info.shared
     peak_anon = [0]
     stop = threading.Event()
 
@@ -102,22 +104,38 @@ def _child(direction: str, source: str, target: str) -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     if direction == "hf-to-mcore":
         hf_to_mcore(source, target)
     else:
         mcore_to_hf(source, target)
     seconds = time.perf_counter() - start
+    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
     stop.set()
     sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "peak_rss": peak, "baseline_rss": baseline, "peak_anon": peak_anon[0]}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "peak_rss": peak,
+                "baseline_rss": baseline,
+                "peak_anon": peak_anon[0],
+                "baseline_anon": baseline_anon,
+            }
+        )
+    )
 
 
 def _run_child(direction: str, source: Path, target: Path) -> dict:
     result = subprocess.run(
         [sys.executable, "-W", "ignore", __file__, "--child", direction, str(source), str(target)],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     if result.returncode != 0:
         raise SystemExit(f"{direction} failed:\n{result.stderr[-3000:]}")
@@ -167,9 +185,11 @@ def main() -> None:
             results[direction] = {
                 "seconds": round(m["seconds"], 2),
                 "gb_per_s": round(weight_bytes / 1e9 / m["seconds"], 3),
+                "cpu_seconds": round(m["cpu_seconds"], 2),
                 "peak_rss_gb": round(m["peak_rss"] / 1e9, 3),
                 "baseline_rss_gb": round(m["baseline_rss"] / 1e9, 3),
                 "peak_anon_gb": round(m["peak_anon"] / 1e9, 3),
+                "baseline_anon_gb": round(m["baseline_anon"] / 1e9, 3),
             }
             print(direction, results[direction], flush=True)
         exact = _same_tensors(workdir / "hf", workdir / "hf_out")

@@ -188,35 +188,36 @@ def bench_logprobs(
     for name, fn in impls.items():
         m = Measurement(section="logprobs", impl=name, n_tokens=n, vocab=v)
         try:
-            leaf = logits.clone().requires_grad_()
-
-            def fwd(_: object) -> None:
-                with torch.no_grad():
-                    fn(leaf, labels)
+            # A fresh leaf per run, made outside the timed region: the in-place variants (ours with
+            # inplace_backward, Liger in its forward) overwrite their input, which must not leak into
+            # the next run.
+            def fresh_leaf() -> torch.Tensor:
+                return logits.clone().requires_grad_()
 
             def fresh_graph() -> torch.Tensor:
-                leaf.grad = None
-                return fn(leaf, labels)
+                return fn(fresh_leaf(), labels)
+
+            def fwd(x: torch.Tensor) -> None:
+                with torch.no_grad():
+                    fn(x, labels)
 
             def bwd(out: torch.Tensor) -> None:
                 out.backward(grad_out)
 
-            def fwd_bwd(_: object) -> None:
-                leaf.grad = None
-                fn(leaf, labels).backward(grad_out)
+            def fwd_bwd(x: torch.Tensor) -> None:
+                fn(x, labels).backward(grad_out)
 
-            m.fwd_ms = clock.median_ms(fwd)
+            m.fwd_ms = clock.median_ms(fwd, fresh_leaf)
             m.bwd_ms = clock.median_ms(bwd, fresh_graph)
-            m.fwd_bwd_ms = clock.median_ms(fwd_bwd)
-            m.peak_extra_bytes_fwd = clock.peak_extra_bytes(fwd)
-            m.peak_extra_bytes_fwd_bwd = clock.peak_extra_bytes(fwd_bwd)
+            m.fwd_bwd_ms = clock.median_ms(fwd_bwd, fresh_leaf)
+            m.peak_extra_bytes_fwd = clock.peak_extra_bytes(fwd, fresh_leaf)
+            m.peak_extra_bytes_fwd_bwd = clock.peak_extra_bytes(fwd_bwd, fresh_leaf)
             with torch.no_grad():
                 value = fn(logits.clone(), labels).float()
             if name == "torch_eager":
                 eager_out = value
             elif eager_out is not None:
                 m.max_abs_diff_vs_eager = float((value - eager_out).abs().max())
-            del leaf
         except Exception as err:  # one failing baseline (OOM, missing compiler) must not lose the others
             m.error = "out of memory" if _is_oom(err) else f"{type(err).__name__}: {err}"[:300]
         finally:
@@ -246,23 +247,22 @@ def bench_fused_linear(
     for name, fn in impls.items():
         m = Measurement(section="fused_linear", impl=name, n_tokens=n, vocab=v, hidden=h)
         try:
-            h_leaf, w_leaf = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            def fresh_leaves() -> tuple[torch.Tensor, torch.Tensor]:
+                return hidden.clone().requires_grad_(), weight.clone().requires_grad_()
 
-            def fwd(_: object) -> None:
+            def fwd(leaves: tuple[torch.Tensor, torch.Tensor]) -> None:
                 with torch.no_grad():
-                    fn(h_leaf, w_leaf, labels)
+                    fn(*leaves, labels)
 
-            def fwd_bwd(_: object) -> None:
-                h_leaf.grad = w_leaf.grad = None
-                fn(h_leaf, w_leaf, labels).backward(grad_out)
+            def fwd_bwd(leaves: tuple[torch.Tensor, torch.Tensor]) -> None:
+                fn(*leaves, labels).backward(grad_out)
 
-            m.fwd_ms = clock.median_ms(fwd)
-            m.fwd_bwd_ms = clock.median_ms(fwd_bwd)
-            m.peak_extra_bytes_fwd = clock.peak_extra_bytes(fwd)
-            m.peak_extra_bytes_fwd_bwd = clock.peak_extra_bytes(fwd_bwd)
+            m.fwd_ms = clock.median_ms(fwd, fresh_leaves)
+            m.fwd_bwd_ms = clock.median_ms(fwd_bwd, fresh_leaves)
+            m.peak_extra_bytes_fwd = clock.peak_extra_bytes(fwd, fresh_leaves)
+            m.peak_extra_bytes_fwd_bwd = clock.peak_extra_bytes(fwd_bwd, fresh_leaves)
             # Useful work of one forward+backward: 3 lm-head-sized matmuls (logits, d hidden, d weight).
             m.fwd_bwd_model_tflops = 6 * n * v * h / (m.fwd_bwd_ms * 1e-3) / 1e12
-            del h_leaf, w_leaf
         except Exception as err:
             m.error = "out of memory" if _is_oom(err) else f"{type(err).__name__}: {err}"[:300]
         finally:
@@ -369,6 +369,23 @@ def _plot(results: list[Measurement], title: str, path: Path, gpu: bool) -> None
 # -------------------------------------------------------------------------------------------------- main
 
 
+def _make_kernels_importable() -> None:
+    """Let a bare checkout (e.g. a fresh GPU machine) run this script without `pip install -e .`:
+    the installed package maps kernels/ to spin_mega.kernels, and so does adding the repository root to
+    the spin_mega package's search path."""
+    try:
+        import spin_mega.kernels  # noqa: F401
+
+        return
+    except ModuleNotFoundError:
+        pass
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))
+    import spin_mega
+
+    spin_mega.__path__.append(str(repo))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for the JSON and PNG")
@@ -397,13 +414,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpret:
         # Must precede the first import of spin_mega.kernels: @triton.jit reads it at definition time.
         os.environ["TRITON_INTERPRET"] = "1"
+    _make_kernels_importable()
     from spin_mega.kernels import backend_for, fused_linear_token_logprobs, token_logprobs
 
     device = torch.device("cuda" if want_cuda else "cpu")
     if not want_cuda:
         torch.set_num_threads(args.cpu_threads)
     warmup = args.warmup if args.warmup is not None else (3 if want_cuda else 1)
-    repeats = args.repeats if args.repeats is not None else (10 if want_cuda else 5)
+    # The interpreter runs every Triton op as a numpy call: seconds per call, so fewer repeats.
+    repeats = args.repeats if args.repeats is not None else (10 if want_cuda else 2 if args.interpret else 5)
     clock = Clock(device, warmup, repeats)
     device_info, slug, peak_bw = _device_info(device, None if args.peak_bw_tbs is None else args.peak_bw_tbs * 1e12)
     ours = {"triton": "triton-interpreter" if args.interpret else "triton-compiled", "torch": "pytorch-fallback"}[
@@ -435,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if liger_flce is not None:
         fused_impls["liger_fused_linear_ce"] = liger_flce
 
-    tokens, vocabs = (GPU_TOKENS, GPU_VOCABS) if want_cuda else (CPU_TOKENS, CPU_VOCABS)
+    tokens, vocabs = (GPU_TOKENS, GPU_VOCABS) if want_cuda else (CPU_TOKENS, CPU_VOCABS[:1] if args.interpret else CPU_VOCABS)
     fused_shapes, hidden = (GPU_FUSED_SHAPES, GPU_HIDDEN) if want_cuda else (CPU_FUSED_SHAPES, CPU_HIDDEN)
     started = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -8,10 +8,12 @@ after the new one is complete.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fnmatch
 import functools
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -71,6 +73,15 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 Pathish = Union[str, Path]
 
 
+@contextlib.contextmanager
+def _quiet_megatron():
+    """megatron-core warns on import about missing GPU extras and on config construction about deprecated
+    defaults; neither concerns a converter, and a CLI error must stay one sentence."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _dtype(value) -> Optional[torch.dtype]:
     if value is None or isinstance(value, torch.dtype):
         if value is not None and value not in DTYPE_CODES:
@@ -123,11 +134,23 @@ def _check_hf_config(hf: dict) -> None:
     if hf.get("mlp_bias"):
         raise ConfigError("mlp_bias=true is not supported (the Megatron model has no MLP biases)")
     if model_type == "qwen2" and hf.get("use_sliding_window"):
-        raise ConfigError("use_sliding_window=true is not supported (the Megatron model attends over the full causal window)")
+        raise ConfigError(
+            "use_sliding_window=true is not supported (the Megatron model attends over the full causal window)"
+        )
 
 
 def _layer_indices(rule: Rule, layers: int) -> list[Optional[int]]:
     return list(range(layers)) if rule.per_layer else [None]
+
+
+def _units(arch: Architecture, model: ModelConfig) -> list[tuple[Rule, Optional[int]]]:
+    """(rule, layer) pairs in the order HF lists a model's tensors: embedding, layer by layer, the rest.
+    Both directions walk it, so reads of sharded files move forward through them."""
+    rules = arch.active_rules(model)
+    first = [(r, None) for r in rules if not r.per_layer and r.mcore.startswith("embedding.")]
+    last = [(r, None) for r in rules if not r.per_layer and not r.mcore.startswith("embedding.")]
+    layers = [(r, i) for i in range(model.num_layers) for r in rules if r.per_layer]
+    return first + layers + last
 
 
 def _validate_hf_tensors(reader: SafetensorsReader, arch: Architecture, model: ModelConfig, dims: Dims) -> torch.dtype:
@@ -137,16 +160,14 @@ def _validate_hf_tensors(reader: SafetensorsReader, arch: Architecture, model: M
     for rule in arch.active_rules(model):
         shapes = rule.hf_shapes(dims)
         for layer in _layer_indices(rule, dims.layers):
-            for name, shape in zip(rule.hf_names(layer), shapes):
+            for name, shape in zip(rule.hf_names(layer), shapes, strict=True):
                 expected[name] = shape
     for name, shape in expected.items():
         if name not in reader:
             raise ConfigError(f"tensor {name} is missing from the checkpoint in {reader.dir}")
         actual = reader.shape(name)
         if actual != shape:
-            raise ConfigError(
-                f"tensor {name} has shape {list(actual)} but config.json implies {list(shape)}"
-            )
+            raise ConfigError(f"tensor {name} has shape {list(actual)} but config.json implies {list(shape)}")
         code = reader.dtype(name)
         if code not in CODE_DTYPES:
             raise ConfigError(f"tensor {name} is stored as {code}; only F32, BF16 and F16 weights are supported")
@@ -157,8 +178,8 @@ def _validate_hf_tensors(reader: SafetensorsReader, arch: Architecture, model: M
             f"tensor {unexpected[0]}{more} in {reader.dir} has no place in a {model.architecture} model "
             f"with this config.json"
         )
-    first = arch.active_rules(model)[0].hf_names(0)[0]
-    return CODE_DTYPES[reader.dtype(first)]
+    embedding = _units(arch, model)[0][0].hf[0]
+    return CODE_DTYPES[reader.dtype(embedding)]
 
 
 def _produce(rule: Rule, dims: Dims, reader: SafetensorsReader, names: list[str], dtype: torch.dtype, stacked: bool):
@@ -177,31 +198,32 @@ def hf_to_mcore(
     `out_dir` that loads at any TP x PP the model can be split into. `tp` and `pp` are checked against the
     model and recorded as the suggested layout; `tp` also sets the vocabulary padding (a multiple of
     128 * tp, as Megatron pads). `dtype` defaults to the checkpoint's own."""
-    from spin_mega.models.checkpoint import MODEL_SUBDIR, TOKENIZER_SUBDIR, write_meta
-    from spin_mega.models.gpt import padded_vocab_size, transformer_config
+    with _quiet_megatron():
+        from spin_mega.models.checkpoint import MODEL_SUBDIR, TOKENIZER_SUBDIR, write_meta
+        from spin_mega.models.gpt import padded_vocab_size, transformer_config
     from spin_mega.models.hf_config import model_config_from_hf, read_hf_config
 
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_dir, out_dir, tp, pp = Path(hf_dir), Path(out_dir), int(tp), int(pp)
     if not hf_dir.is_dir():
         raise SpinMegaError(f"HF model directory {hf_dir} does not exist")
     _check_distinct(hf_dir, out_dir)
-    if int(tp) < 1 or int(pp) < 1:
+    if tp < 1 or pp < 1:
         raise ConfigError(f"tensor and pipeline parallel sizes must be at least 1 (got tp={tp}, pp={pp})")
     hf = read_hf_config(hf_dir)
     _check_hf_config(hf)
     arch = architecture(hf.get("model_type"))
     model = model_config_from_hf(hf)
     target_dtype = _dtype(dtype)
-    transformer_config(model, int(tp), int(pp))  # raises ConfigError when the model cannot be split so
-    padded = padded_vocab_size(model.vocab_size, int(tp))
+    with _quiet_megatron():
+        transformer_config(model, tp, pp)  # raises ConfigError when the model cannot be split so
+    padded = padded_vocab_size(model.vocab_size, tp)
     dims = Dims.of(model, padded)
     reader = SafetensorsReader(hf_dir)
     stored = _validate_hf_tensors(reader, arch, model, dims)
     target_dtype = target_dtype or stored
 
     entries: list[dist_ckpt.Entry] = []
-
-    def add(rule: Rule, layer: Optional[int]) -> None:
+    for rule, layer in _units(arch, model):
         shape = rule.mcore_shape(dims)
         stacked = layer is not None
         entries.append(
@@ -214,21 +236,10 @@ def hf_to_mcore(
                 produce=functools.partial(_produce, rule, dims, reader, rule.hf_names(layer), target_dtype, stacked),
             )
         )
-
-    rules = arch.active_rules(model)
-    layer_rules = [r for r in rules if r.per_layer]
-    # Layer-major order keeps reads of a sharded HF checkpoint moving forward through its files.
-    for rule in rules:
-        if not rule.per_layer and rule.mcore.startswith("embedding."):
-            add(rule, None)
     for layer in range(dims.layers):
-        for rule in layer_rules:
-            add(rule, layer)
-        for key in arch.mcore_layer_objects:
-            entries.append(dist_ckpt.ObjectEntry(sharded_object_key(key, layer, dims.layers), None))
-    for rule in rules:
-        if not rule.per_layer and not rule.mcore.startswith("embedding."):
-            add(rule, None)
+        entries += [
+            dist_ckpt.ObjectEntry(sharded_object_key(key, layer, dims.layers), None) for key in arch.mcore_layer_objects
+        ]
 
     generation_config = None
     if (hf_dir / "generation_config.json").is_file():
@@ -246,7 +257,7 @@ def hf_to_mcore(
             {
                 "source": str(hf_dir.resolve()),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "suggested_layout": {"tensor_parallel": int(tp), "pipeline_parallel": int(pp)},
+                "suggested_layout": {"tensor_parallel": tp, "pipeline_parallel": pp},
                 "hf_config": hf,
                 "generation_config": generation_config,
             },
@@ -262,7 +273,9 @@ def _tokenizer_ids(tokenizer_dir: Path) -> dict[str, object]:
 
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as exc:  # tokenizers fail in many ways; the weights are still worth exporting
-        warnings.warn(f"the tokenizer in {tokenizer_dir} does not load ({exc}); token ids come from the config")
+        warnings.warn(
+            f"the tokenizer in {tokenizer_dir} does not load ({exc}); token ids come from the config", stacklevel=3
+        )
         return {}
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     return {k: v for k, v in ids.items() if v is not None}
@@ -273,13 +286,23 @@ def _generation_config(record: dict, tokenizer_ids: dict) -> dict:
     tokenizer fills what it leaves out."""
     source = record.get("generation_config") or {}
     source_config = record.get("hf_config") or {}
-    generation = {k: v for k, v in source.items() if k != "transformers_version"}
+    # `_from_model_config` would tell transformers to re-derive the file from config.json.
+    generation = {k: v for k, v in source.items() if k not in ("transformers_version", "_from_model_config")}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if generation.get(key) is None:
             value = tokenizer_ids.get(key, source_config.get(key))
             if value is not None:
                 generation[key] = value
     return generation
+
+
+def _read_rows(reader: dist_ckpt.CheckpointReader, rule: Rule, layer: Optional[int], dims: Dims) -> torch.Tensor:
+    """The rows of one layer's Megatron tensor that hold data (vocabulary padding is not read)."""
+    lo, hi = rule.mcore_row_span(dims)
+    tail = rule.mcore_shape(dims)[1:]
+    if layer is None:
+        return reader.read(rule.mcore, (lo,) + (0,) * len(tail), (hi - lo,) + tail)
+    return reader.read(rule.mcore, (layer, lo) + (0,) * len(tail), (1, hi - lo) + tail)[0]
 
 
 def mcore_to_hf(
@@ -290,7 +313,8 @@ def mcore_to_hf(
     """Exports a spin-mega Megatron checkpoint (converted or written by the trainer, saved at any TP x PP)
     to an HF model directory: config.json, sharded safetensors with their index, generation_config.json
     and the tokenizer files. The vocabulary padding is dropped and each tensor keeps its stored dtype."""
-    from spin_mega.models.checkpoint import MODEL_SUBDIR, TOKENIZER_SUBDIR, read_meta
+    with _quiet_megatron():
+        from spin_mega.models.checkpoint import MODEL_SUBDIR, TOKENIZER_SUBDIR, read_meta
     from spin_mega.models.hf_config import hf_config_from_model_config
 
     mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
@@ -302,39 +326,39 @@ def mcore_to_hf(
     dims = Dims.of(model, padded)
     reader = dist_ckpt.CheckpointReader(mcore_dir / MODEL_SUBDIR)
 
-    # (rule, layer, HF names, HF shapes, stored dtype), in the order HF lists a model's tensors.
-    units = []
-    rules = arch.active_rules(model)
-    ordered = (
-        [(r, None) for r in rules if not r.per_layer and r.mcore.startswith("embedding.")]
-        + [(r, i) for i in range(dims.layers) for r in rules if r.per_layer]
-        + [(r, None) for r in rules if not r.per_layer and not r.mcore.startswith("embedding.")]
-    )
-    checked = set()
-    for rule, layer in ordered:
+    units = _units(arch, model)
+    stored: dict[str, torch.dtype] = {}
+    for rule, _ in units:
+        if rule.mcore in stored:
+            continue
         meta = reader.tensor_meta(rule.mcore)
-        if rule.mcore not in checked:
-            if tuple(meta.size) != rule.global_shape(dims):
-                raise SpinMegaError(
-                    f"{rule.mcore} in {mcore_dir} has shape {list(meta.size)}, but its spin_mega_model.json "
-                    f"implies {list(rule.global_shape(dims))}"
-                )
-            if meta.properties.dtype not in DTYPE_CODES:
-                raise SpinMegaError(f"{rule.mcore} in {mcore_dir} is stored as {meta.properties.dtype}, which HF export does not support")
-            checked.add(rule.mcore)
-        units.append((rule, layer, rule.hf_names(layer), rule.hf_shapes(dims), meta.properties.dtype))
+        if tuple(meta.size) != rule.global_shape(dims):
+            raise SpinMegaError(
+                f"{rule.mcore} in {mcore_dir} has shape {list(meta.size)}, but its spin_mega_model.json "
+                f"implies {list(rule.global_shape(dims))}"
+            )
+        if meta.properties.dtype not in DTYPE_CODES:
+            raise SpinMegaError(
+                f"{rule.mcore} in {mcore_dir} is stored as {meta.properties.dtype}, which HF export does not support"
+            )
+        stored[rule.mcore] = meta.properties.dtype
 
-    def nbytes(shape, dt):
-        n = torch.empty((), dtype=dt).element_size()
-        for s in shape:
-            n *= s
-        return n
+    def hf_entries(rule: Rule, layer: Optional[int]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        names, shapes = rule.hf_names(layer), rule.hf_shapes(dims)
+        return [(name, stored[rule.mcore], shape) for name, shape in zip(names, shapes, strict=True)]
 
-    unit_bytes = [sum(nbytes(s, dt) for s in shapes) for _, _, _, shapes, dt in units]
-    shards = plan_shards(unit_bytes, max_shard_bytes)
+    def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+        return torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+
+    shards = plan_shards(
+        [sum(nbytes(dt, shape) for _, dt, shape in hf_entries(*unit)) for unit in units], max_shard_bytes
+    )
 
     record_path = mcore_dir / CONVERSION_RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise SpinMegaError(f"{record_path} is not valid JSON: {exc}") from None
     tokenizer_dir = mcore_dir / TOKENIZER_SUBDIR
     generation = _generation_config(record, _tokenizer_ids(tokenizer_dir))
     token_ids = {k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in generation}
@@ -344,24 +368,15 @@ def mcore_to_hf(
         total = 0
         for s, unit_ids in enumerate(shards):
             file = shard_name(s, len(shards))
-            plan = []
-            for u in unit_ids:
-                _, _, names, shapes, dt = units[u]
-                plan += [(name, dt, shape) for name, shape in zip(names, shapes)]
-            writer = StreamingShardWriter(tmp / file, plan)
+            writer = StreamingShardWriter(tmp / file, [entry for u in unit_ids for entry in hf_entries(*units[u])])
             try:
                 for u in unit_ids:
-                    rule, layer, names, _, _ = units[u]
-                    lo, hi = rule.mcore_row_span(dims)
-                    tail = rule.mcore_shape(dims)[1:]
-                    if layer is None:
-                        block = reader.read(rule.mcore, (lo,) + (0,) * len(tail), (hi - lo,) + tail)
-                    else:
-                        block = reader.read(rule.mcore, (layer, lo) + (0,) * len(tail), (1, hi - lo) + tail)[0]
-                    for name, tensor in zip(names, rule.to_hf(dims, block, row_offset=lo)):
+                    rule, layer = units[u]
+                    lo, _ = rule.mcore_row_span(dims)
+                    tensors = rule.to_hf(dims, _read_rows(reader, rule, layer, dims), lo)
+                    for name, tensor in zip(rule.hf_names(layer), tensors, strict=True):
                         writer.write(name, tensor)
                         weight_map[name] = file
-                    del block
             except BaseException:
                 writer.abort()
                 raise

@@ -26,7 +26,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
     ChunkStorageMetadata,
     MetadataIndex,
     TensorProperties,
@@ -45,7 +44,12 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from spin_mega.errors import SpinMegaError
 
 # What megatron.core.dist_checkpointing writes beside the DCP files (and checks on load).
-MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
+MCORE_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 COMMON_FILE = "common.pt"
 METADATA_FILE = "metadata.json"
 
@@ -119,7 +123,11 @@ class _LazySavePlanner(DefaultSavePlanner):
 def write_checkpoint(path: Path, entries: list[Entry]) -> None:
     """Writes a Megatron torch_dist checkpoint directory at `path` (created; must not exist)."""
     path.mkdir(parents=True, exist_ok=False)
-    writer = dcp.FileSystemWriter(str(path), single_file_per_rank=True, thread_count=1, sync_files=True)
+    # No copy-ahead: with CUDA present DCP would otherwise resolve chunks ahead of writing them (it is
+    # meant for device-to-host copies), holding several in memory.
+    writer = dcp.FileSystemWriter(
+        str(path), single_file_per_rank=True, thread_count=1, sync_files=True, per_thread_copy_ahead=0
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
         dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(entries), no_dist=True)
@@ -150,7 +158,7 @@ class _BoxPlanner(LoadPlanner):
 
     def resolve_tensor(self, read_item):
         view = self.dest
-        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
             view = view.narrow(dim, offset, length)
         return view
 
@@ -178,9 +186,6 @@ class CheckpointReader:
             raise SpinMegaError(f"the Megatron checkpoint at {self.path} has no tensor {key}")
         return meta
 
-    def keys(self) -> list[str]:
-        return [k for k, v in self.metadata.state_dict_metadata.items() if not isinstance(v, BytesStorageMetadata)]
-
     def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         meta = self.tensor_meta(key)
         box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
@@ -189,13 +194,11 @@ class CheckpointReader:
         if covered != math.prod(sizes):
             raise SpinMegaError(
                 f"the Megatron checkpoint at {self.path} does not hold all of {key} "
-                f"(rows {offsets} + {sizes}: {covered} of {math.prod(sizes)} elements present)"
+                f"(the box at {list(offsets)} of size {list(sizes)}: {covered} of {math.prod(sizes)} elements present)"
             )
         dest = torch.empty(sizes, dtype=meta.properties.dtype)
         try:
             self._reader.read_data(LoadPlan(items), _BoxPlanner(dest)).wait()
-        except SpinMegaError:
-            raise
         except Exception as exc:  # truncated or missing .distcp files raise many types
             raise SpinMegaError(f"cannot read {key} from the Megatron checkpoint at {self.path} ({exc})") from None
         return dest

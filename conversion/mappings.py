@@ -22,7 +22,7 @@ the local layer spec maps them to, so the same checkpoint loads with and without
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -99,9 +99,7 @@ def gate_up_concat(d: Dims):
 
 def qkv_interleave(d: Dims):
     if d.heads % d.groups:
-        raise ConfigError(
-            f"num_attention_heads ({d.heads}) must be a multiple of num_key_value_heads ({d.groups})"
-        )
+        raise ConfigError(f"num_attention_heads ({d.heads}) must be a multiple of num_key_value_heads ({d.groups})")
     per_group = d.heads // d.groups
     hn = d.head_dim
     segments = []
@@ -197,14 +195,13 @@ class Rule:
 
 @dataclass(frozen=True)
 class Architecture:
-    model_type: str
     rules: tuple[Rule, ...]
     # HF tensors that carry no weights of their own: recomputed buffers, or an lm_head that a tied
     # config makes transformers ignore in favour of the embedding (it does the same here).
     ignored_hf: tuple[tuple[str, Callable[[ModelConfig], bool]], ...] = ()
     # Megatron's linear layers each save an `_extra_state` object per layer (None without Transformer
     # Engine); a checkpoint lacking them does not load.
-    mcore_layer_objects: tuple[str, ...] = field(default=())
+    mcore_layer_objects: tuple[str, ...] = ()
 
     def active_rules(self, model: ModelConfig) -> list[Rule]:
         return [rule for rule in self.rules if rule.when(model)]
@@ -219,7 +216,6 @@ _MLP = "model.layers.{i}.mlp"
 # Llama, Mistral and Qwen2 share one parameter layout; they differ in config only (Qwen2 always has the
 # QKV bias, Llama may; Qwen2's small models tie the embeddings).
 LLAMA_FAMILY = Architecture(
-    model_type="llama",
     rules=(
         Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab_pad, ("hidden",)),
         Rule(
@@ -239,7 +235,9 @@ LLAMA_FAMILY = Architecture(
             qkv_interleave,
             when=_qkv_bias,
         ),
-        Rule("decoder.layers.self_attention.linear_proj.weight", (f"{_ATTN}.o_proj.weight",), identity("hidden"), ("q",)),
+        Rule(
+            "decoder.layers.self_attention.linear_proj.weight", (f"{_ATTN}.o_proj.weight",), identity("hidden"), ("q",)
+        ),
         Rule(
             "decoder.layers.mlp.linear_fc1.layer_norm_weight",
             ("model.layers.{i}.post_attention_layernorm.weight",),

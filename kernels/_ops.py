@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from spin_mega.kernels import torch_impl
 from spin_mega.kernels._backend import backend_for
 
 
-def _impl(tensor: torch.Tensor):
+def _impl(tensor: torch.Tensor) -> ModuleType:
     if backend_for(tensor) == "triton":
         from spin_mega.kernels import logprobs_kernel
 

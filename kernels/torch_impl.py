@@ -79,6 +79,6 @@ def backward_grad(
         if n_valid > 0:
             label_col = local.clamp(0, n_valid - 1)[:, None]
             grad.scatter_add_(1, label_col, torch.where(owned, g, 0.0)[:, None])
-        out[r0:r1, :n_valid] = grad.to(out.dtype)
+        out[r0:r1, :n_valid].copy_(grad)
         out[r0:r1, n_valid:] = 0
     return out

@@ -40,6 +40,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
+    # Mistral's sliding attention window. Training attends over the full causal context, which is the same
+    # thing only while sequences fit the window: data.max_length must not exceed it.
+    sliding_window: Optional[int] = None
     init_std: float = 0.02
 
 
@@ -100,9 +103,9 @@ class TrainConfig:
     max_steps: Optional[int] = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     opponent: Literal["precompute", "fused"] = "precompute"
-    # How per-sequence log-probs are computed: auto picks the Triton kernels on GPU (fused with the
-    # output layer) and plain PyTorch on CPU; `reference` is the float64 PyTorch implementation.
-    logprobs: Literal["auto", "triton", "fused_linear", "torch", "reference"] = "auto"
+    # How per-sequence log-probs are computed (training/logprobs.py): auto is the kernel fused with the output
+    # layer; `triton` materialises logits then runs the log-prob kernel; `reference` is float64 PyTorch.
+    logprobs: Literal["auto", "fused_linear", "triton", "reference"] = "auto"
     seed: int = 1234
     save_interval: int = 0  # optimizer steps between checkpoints; 0 saves only at the end
     log_interval: int = 1

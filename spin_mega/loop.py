@@ -21,9 +21,11 @@ place and then marks itself done, so re-running the same command resumes at the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -54,21 +56,34 @@ class Preempted(Exception):
 
 
 def _subprocess(cmd: list[str], what: str, log_path: Path, env: Optional[dict] = None) -> int:
-    """Runs a stage's command with its output teed to a log file in the work directory."""
+    """Runs a stage's command with its output teed to a log file in the work directory.
+
+    SIGTERM and SIGUSR1 (Slurm's preemption notices) are passed on to the stage, and the loop waits for it:
+    the trainer answers them by checkpointing at the next step boundary and exiting 75."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = dict(os.environ, **(env or {}))
     with open(log_path, "a") as handle:
         handle.write(f"\n$ {' '.join(cmd)}\n")
         handle.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
-        tail: list[str] = []
-        for line in proc.stdout:
-            handle.write(line)
-            # Progress bars and stage messages go to the terminal; library warnings stay in the log.
-            if line.startswith("[spin-mega") or "%|" in line or line.startswith("spin-mega"):
-                sys.stderr.write(line)
-            tail = (tail + [line.rstrip()])[-20:]
-        code = proc.wait()
+
+        def forward(signum, frame):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            tail: list[str] = []
+            for line in proc.stdout:
+                handle.write(line)
+                # Progress bars and stage messages go to the terminal; library warnings stay in the log.
+                if line.startswith("[spin-mega") or "%|" in line or line.startswith("spin-mega"):
+                    sys.stderr.write(line)
+                tail = (tail + [line.rstrip()])[-20:]
+            code = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if code not in (0, EXIT_PREEMPTED):
         errors = [t for t in tail if "error" in t.lower()]
         detail = (errors or tail or ["no output"])[-1]

@@ -25,14 +25,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     to_mcore.add_argument("--hf", required=True, metavar="DIR", help="HF model directory")
     to_mcore.add_argument("--out", required=True, metavar="DIR", help="Megatron checkpoint directory to write")
     to_mcore.add_argument(
-        "--tp", type=int, default=1, metavar="N",
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
         help="suggested tensor parallel size: checked against the model; sets the vocabulary padding (default 1)",
     )
     to_mcore.add_argument(
-        "--pp", type=int, default=1, metavar="N", help="suggested pipeline parallel size, checked against the model (default 1)"
+        "--pp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="suggested pipeline parallel size, checked against the model (default 1)",
     )
     to_mcore.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
         help="dtype of the Megatron weights (default: the HF checkpoint's)",
     )
 

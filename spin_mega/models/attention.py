@@ -1,8 +1,9 @@
-"""Core attention through PyTorch's fused scaled_dot_product_attention, for when Transformer Engine is absent.
+"""Fused core attention for when Transformer Engine is absent: flash-attn when installed (GPU, 16-bit),
+else PyTorch's scaled_dot_product_attention.
 
-Megatron's local `DotProductAttention` materialises the [b, heads, s, s] score matrix; SDPA dispatches to
-flash / memory-efficient kernels on GPU and a blocked kernel on CPU instead. The module keeps Megatron's
-core-attention interface so it drops into the local layer spec.
+Megatron's local `DotProductAttention` materialises the [b, heads, s, s] score matrix; both paths here
+avoid that (SDPA dispatches to flash / memory-efficient kernels on GPU and a blocked kernel on CPU). The
+module keeps Megatron's core-attention interface so it drops into the local layer spec.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
 
 
 class SDPAttention(MegatronModule):
@@ -57,6 +63,13 @@ class SDPAttention(MegatronModule):
         # Right padding only: under a causal mask no real token attends to a later pad, so no explicit
         # padding mask is needed and SDPA keeps its fast causal path.
         sq, b = query.shape[0], query.shape[1]
+        dropout = self.dropout_p if self.training else 0.0
+        if flash_attn_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+            out = flash_attn_func(
+                query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),  # [b, s, heads, d]
+                dropout_p=dropout, softmax_scale=self.softmax_scale, causal=True,
+            )
+            return out.transpose(0, 1).reshape(sq, b, self.projection_per_partition)
         q = query.permute(1, 2, 0, 3)  # [b, heads, s, d]
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
@@ -64,7 +77,7 @@ class SDPAttention(MegatronModule):
             q,
             k,
             v,
-            dropout_p=self.dropout_p if self.training else 0.0,
+            dropout_p=dropout,
             is_causal=True,
             scale=self.softmax_scale,
             enable_gqa=k.shape[1] != q.shape[1],

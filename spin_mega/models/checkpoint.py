@@ -16,12 +16,14 @@ import json
 from pathlib import Path
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 
 from spin_mega.config import ModelConfig
 from spin_mega.errors import SpinMegaError
 
 MODEL_META = "spin_mega_model.json"
+# Written by the HF importer (source config and generation config); carried into every checkpoint trained
+# from it, so that the final export restores the source's generation settings.
+CONVERSION_META = "conversion.json"
 MODEL_SUBDIR = "model"
 TOKENIZER_SUBDIR = "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +59,8 @@ def save_model(model: torch.nn.Module, path: str | Path) -> None:
     if dist.get_rank() == 0:
         target.mkdir(parents=True, exist_ok=False)
     dist.barrier()
+    from megatron.core import dist_checkpointing  # imported on use: reading the meta file stays cheap
+
     dist_checkpointing.save(model.sharded_state_dict(), str(target))
 
 
@@ -65,6 +69,8 @@ def load_model(model: torch.nn.Module, path: str | Path) -> None:
     source = Path(path) / MODEL_SUBDIR
     if not source.is_dir():
         raise SpinMegaError(f"{path} holds no Megatron model checkpoint (missing {MODEL_SUBDIR}/)")
+    from megatron.core import dist_checkpointing
+
     try:
         loaded = dist_checkpointing.load(model.sharded_state_dict(), str(source))
     except Exception as exc:  # dist_checkpointing raises many types; the user needs the path and the cause

@@ -49,9 +49,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ConfigError(
             f"model_type {model_type!r} is not supported; spin-mega handles {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if hf.get("sliding_window") and hf.get("use_sliding_window", model_type == "mistral"):
-        # Mistral-7B-v0.1 declares a 4096 window; with sequences no longer than it, attention is identical.
-        pass
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
     heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     head_dim = int(hf.get("head_dim") or hidden // heads)
@@ -76,6 +74,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
+        sliding_window=int(window) if window else None,
     )
 
 
@@ -105,7 +104,7 @@ def hf_config_from_model_config(cfg: ModelConfig, torch_dtype: str = "float32", 
         hf["attention_bias"] = cfg.qkv_bias
         hf["mlp_bias"] = False
     if cfg.architecture == "mistral":
-        hf["sliding_window"] = None
+        hf["sliding_window"] = cfg.sliding_window
     if cfg.architecture == "qwen2":
         if not cfg.qkv_bias:
             raise ConfigError("qwen2 models always carry a QKV bias; model.qkv_bias must be true")

@@ -81,6 +81,7 @@ def save(
     trainer_state: dict,
     write_meta,
     tokenizer_dir: Optional[Path],
+    start_dir: Optional[Path] = None,
 ) -> Path:
     """Collective over all ranks. `write_meta(path)` writes spin_mega_model.json (rank 0 only)."""
     root = checkpoint_root(workdir)
@@ -103,6 +104,8 @@ def save(
         atomic_write_json(tmp / "trainer_state.json", state)
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / model_ckpt.TOKENIZER_SUBDIR)
+        if start_dir is not None and (start_dir / model_ckpt.CONVERSION_META).is_file():
+            shutil.copy2(start_dir / model_ckpt.CONVERSION_META, tmp / model_ckpt.CONVERSION_META)
     dist.barrier()
     if rank == 0:
         if final.exists():

@@ -1,11 +1,11 @@
 """Per-sequence response log-prob sums from the last pipeline stage's hidden states.
 
-Four interchangeable implementations, chosen by `train.logprobs`:
-- fused_linear: Triton kernel fusing the output projection with the log-softmax; full logits never exist.
-- triton: output layer to vocab-parallel logits, then the Triton vocab-parallel log-prob kernel.
-- torch: output layer, then a plain PyTorch vocab-parallel log-softmax (CPU default; the interpreter is slow).
+Three interchangeable implementations, chosen by `train.logprobs` (`auto` is fused_linear):
+- fused_linear: the kernel fusing the output projection with the log-softmax; full logits never exist.
+- triton: the output layer's vocab-parallel logits, then the vocab-parallel log-prob kernel.
 - reference: logits gathered over TP and the float64 reference (slow; for checking the others).
-All exclude Megatron's vocab padding from the softmax, so log-probs match HF transformers and vLLM.
+The kernels run as Triton on GPU and as their chunked PyTorch fallback on CPU (spin_mega.kernels). All
+exclude Megatron's vocab padding from the softmax, so log-probs match HF transformers and vLLM.
 """
 
 from __future__ import annotations
@@ -17,27 +17,7 @@ IGNORE_INDEX = -100
 
 
 def resolve_impl(name: str) -> str:
-    if name != "auto":
-        return name
-    return "fused_linear" if torch.cuda.is_available() else "torch"
-
-
-def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    shard = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * shard
-    valid = max(0, min(shard, vocab_size - start))
-    if valid == shard:
-        return logits
-    return torch.cat([logits[..., :valid], torch.full_like(logits[..., valid:], float("-inf"))], dim=-1)
-
-
-def _torch_vocab_parallel_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    logits = _mask_vocab_padding(logits.float(), vocab_size)
-    # Megatron's vocab-parallel cross entropy is -log p(label) with TP all-reduces; ignored labels are
-    # clamped to a valid id for the gather and zeroed afterwards.
-    safe_labels = labels.clamp(min=0)
-    token_logps = -tensor_parallel.vocab_parallel_cross_entropy(logits, safe_labels)
-    return token_logps * (labels != IGNORE_INDEX)
+    return "fused_linear" if name == "auto" else name
 
 
 def _reference_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -84,8 +64,6 @@ def sequence_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor, vocab_s
                 )
             else:
                 token_logps = token_logprobs(logits, labels_sb, ignore_index=IGNORE_INDEX, vocab_size=vocab_size)
-        elif impl == "torch":
-            token_logps = _torch_vocab_parallel_token_logprobs(logits, labels_sb, vocab_size)
         elif impl == "reference":
             token_logps = _reference_token_logprobs(logits, labels_sb, vocab_size)
         else:

@@ -136,8 +136,9 @@ def _load_tokenizer(path: Optional[Path]):
 class _MicroBatches:
     """Iterator over collated micro-batches of example indices, with opponent log-probs attached."""
 
-    def __init__(self, dataset, batches: list[list[int]], pad_id: int, opponent: Optional[dict]):
+    def __init__(self, dataset, batches: list[list[int]], pad_id: int, opponent: Optional[dict], pad_multiple: int = 8):
         self.dataset = dataset
+        self.pad_multiple = pad_multiple
         self.batches = batches
         self.pad_id = pad_id
         self.opponent = opponent
@@ -149,8 +150,8 @@ class _MicroBatches:
         from spin_mega.data import collate_pairs
 
         for indices in self.batches:
-            examples = [self.dataset[i] for i in indices]
-            batch = collate_pairs(examples, self.pad_id)
+            columns = self.dataset[indices]  # one Arrow read for the whole micro-batch
+            batch = collate_pairs(columns, self.pad_id, pad_to_multiple_of=self.pad_multiple)
             batch["index"] = torch.tensor(indices)
             if self.opponent is not None:
                 batch["opponent_logps"] = torch.tensor(
@@ -158,7 +159,10 @@ class _MicroBatches:
                     dtype=torch.float32,
                 )
             ids = batch["input_ids"]
-            self.tokens += sum(2 * len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples)
+            self.tokens += sum(
+                2 * len(p) + len(c) + len(r)
+                for p, c, r in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"])
+            )
             self.padded_tokens += ids.numel()
             self.max_len = max(self.max_len, ids.shape[1])
             yield batch
@@ -184,6 +188,12 @@ class Trainer:
             self.model_cfg, _, _ = model_ckpt.read_meta(self.start.mcore_dir)
         else:
             self.model_cfg = resolve_model_config(cfg.model)
+        window = self.model_cfg.sliding_window
+        if window and cfg.data.max_length > window:
+            raise SpinMegaError(
+                f"data.max_length {cfg.data.max_length} exceeds the model's sliding attention window ({window}); "
+                "training attends over the full context, so keep sequences within the window"
+            )
         self.padded_vocab = padded_vocab_size(self.model_cfg.vocab_size, p.tensor_parallel)
         self.tokenizer = _load_tokenizer(self.start.tokenizer_dir)
         self._setup_data()
@@ -233,6 +243,8 @@ class Trainer:
         cfg = self.cfg
         self.fused = cfg.train.opponent == "fused"
         policy = self._build()
+        # Sequence parallelism splits the sequence over TP ranks, so padded lengths must divide evenly.
+        self.pad_multiple = math.lcm(8, policy.config.tensor_model_parallel_size) if policy.config.sequence_parallel else 8
         if self.start.mcore_dir is not None:
             model_ckpt.load_model(policy, self.start.mcore_dir)
         opponent = None
@@ -278,7 +290,7 @@ class Trainer:
         batches = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
         chosen = torch.zeros(n, dtype=torch.float64, device=_device())
         rejected = torch.zeros(n, dtype=torch.float64, device=_device())
-        data = _MicroBatches(self.dataset, batches, self.pad_id, None)
+        data = _MicroBatches(self.dataset, batches, self.pad_id, None, self.pad_multiple)
         self.model.eval()
         with torch.no_grad():
             outputs = get_forward_backward_func()(
@@ -323,6 +335,7 @@ class Trainer:
             {"total_steps": self.total_steps, "config": config_to_dict(self.cfg)},
             self._write_meta,
             self.start.tokenizer_dir,
+            self.start.mcore_dir,
         )
 
     def _truncate_metrics(self, step: int) -> None:
@@ -374,7 +387,7 @@ class Trainer:
             for step in range(start_step, self.total_steps):
                 t0 = time.perf_counter()
                 batches = self.sampler.microbatches_for_step(step)
-                data = _MicroBatches(self.dataset, batches, self.pad_id, opponent_table)
+                data = _MicroBatches(self.dataset, batches, self.pad_id, opponent_table, self.pad_multiple)
                 self.model.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 outputs = forward_backward(

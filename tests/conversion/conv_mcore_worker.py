@@ -26,15 +26,17 @@ def _layout_round(task: dict, tp: int, pp: int, save_to: str | None, logits_to: 
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from spin_mega.models.checkpoint import MODEL_META, TOKENIZER_SUBDIR, load_model, read_meta, save_model
-    from spin_mega.models.gpt import build_model, transformer_config
+    from spin_mega.models.checkpoint import TOKENIZER_SUBDIR, load_model, read_meta, save_model, write_meta
+    from spin_mega.models.gpt import build_model, padded_vocab_size, transformer_config
     from spin_mega.parallel import distributed
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     distributed.initialize(tp, pp, seed=1234)
     checkpoint = Path(task["checkpoint"])
-    model_cfg, dtype, padded = read_meta(checkpoint)
+    model_cfg, dtype, _ = read_meta(checkpoint)
+    # As the trainer does: the padding follows this run's TP, whatever the checkpoint was padded to.
+    padded = padded_vocab_size(model_cfg.vocab_size, tp)
     model = build_model(model_cfg, transformer_config(model_cfg, tp, pp, dtype=dtype), vocab_size=padded)
     model.eval()
     load_model(model, checkpoint)
@@ -54,7 +56,7 @@ def _layout_round(task: dict, tp: int, pp: int, save_to: str | None, logits_to: 
         target = Path(save_to)
         save_model(model, target)
         if dist.get_rank() == 0:
-            shutil.copy2(checkpoint / MODEL_META, target / MODEL_META)
+            write_meta(target, model_cfg, dtype, padded)
             if (checkpoint / TOKENIZER_SUBDIR).is_dir():
                 shutil.copytree(checkpoint / TOKENIZER_SUBDIR, target / TOKENIZER_SUBDIR)
         dist.barrier()

@@ -11,7 +11,9 @@ from safetensors import safe_open
 
 from tests.support import build_tokenizer
 
-VOCAB = 1000  # Megatron pads it to 1024 at TP=1 and TP=2: the padding path is exercised
+# Megatron pads the vocabulary to 1152 at TP=1 and to 1280 at TP=2: a checkpoint padded for one TP is
+# loaded into a model padded for the other, and the padding rows are dropped on export.
+VOCAB = 1100
 
 # head_dim 64 (vLLM's CPU attention refuses smaller heads); 4 layers so PP=2 puts 2 on each stage; GQA
 # with 2 key/value groups so TP=2 splits the groups.
@@ -45,8 +47,12 @@ ARCH_CONFIGS = {
             "original_max_position_embeddings": 64,
         },
     ),
-    "mistral": dict(_COMMON, model_type="mistral", tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=None),
-    "qwen2": dict(_COMMON, model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False),
+    "mistral": dict(
+        _COMMON, model_type="mistral", tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=None
+    ),
+    "qwen2": dict(
+        _COMMON, model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False
+    ),
 }
 
 
@@ -81,7 +87,9 @@ def save_hf_model(arch: str, path: Path, dtype: torch.dtype = torch.float32, max
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
     tensors = {}
     for name in files:
         with safe_open(str(path / name), framework="pt") as handle:

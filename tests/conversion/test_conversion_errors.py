@@ -82,7 +82,9 @@ def test_no_safetensors(good, tmp_path):
 def test_shapes_that_do_not_match_the_config(good, tmp_path):
     hf_dir = _copy(good["hf"], tmp_path, "hf")
     _edit_config(hf_dir, intermediate_size=384)
-    with pytest.raises(ConfigError, match=r"gate_proj.weight has shape \[512, 256\] but config.json implies \[384, 256\]"):
+    with pytest.raises(
+        ConfigError, match=r"gate_proj.weight has shape \[512, 256\] but config.json implies \[384, 256\]"
+    ):
         hf_to_mcore(hf_dir, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
 
@@ -157,7 +159,11 @@ def test_megatron_checkpoint_that_disagrees_with_its_meta(good, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["model"]["ffn_hidden_size"] = 384
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(SpinMegaError, match=r"linear_fc1.weight in .* has shape \[4, 1024, 256\], but its spin_mega_model.json implies \[4, 768, 256\]"):
+    with pytest.raises(
+        SpinMegaError,
+        match=r"linear_fc1.weight in .* has shape \[4, 1024, 256\], but its spin_mega_model.json implies "
+        r"\[4, 768, 256\]",
+    ):
         mcore_to_hf(mcore, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
 
@@ -171,7 +177,20 @@ def test_cli_converts_both_ways(good, tmp_path):
     from spin_mega.cli import main
 
     with pytest.raises(SystemExit) as done:
-        main(["convert", "hf-to-mcore", "--hf", str(good["hf"]), "--out", str(tmp_path / "mcore"), "--tp", "2", "--pp", "2"])
+        main(
+            [
+                "convert",
+                "hf-to-mcore",
+                "--hf",
+                str(good["hf"]),
+                "--out",
+                str(tmp_path / "mcore"),
+                "--tp",
+                "2",
+                "--pp",
+                "2",
+            ]
+        )
     assert done.value.code == 0
     record = json.loads((tmp_path / "mcore" / "conversion.json").read_text())
     assert record["suggested_layout"] == {"tensor_parallel": 2, "pipeline_parallel": 2}

@@ -59,7 +59,7 @@ def megatron_runs(sources) -> dict:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     runs = {}
-    for arch, task in zip(ARCHS, tasks):
+    for arch, task in zip(ARCHS, tasks, strict=True):
         out = Path(task["out"])
         for layout in ("tp2", "pp2"):
             mcore_to_hf(out / layout, out / f"hf_{layout}")
@@ -76,6 +76,13 @@ def test_roundtrip_tp1_is_bit_exact(sources, tmp_path, arch):
     assert len(set(index["weight_map"].values())) > 1
 
 
+def test_single_file_checkpoint(tmp_path):
+    hf_dir = tmp_path / "hf"
+    save_hf_model("mistral", hf_dir, max_shard_size="1GB")
+    assert (hf_dir / "model.safetensors").is_file()
+    assert_same_tensors(hf_dir, mcore_to_hf(hf_to_mcore(hf_dir, tmp_path / "mcore"), tmp_path / "out"))
+
+
 def test_tied_embeddings_store_no_output_layer(sources):
     metadata = pickle.loads((sources["qwen2"]["mcore"] / "model" / ".metadata").read_bytes())
     assert "output_layer.weight" not in metadata.state_dict_metadata
@@ -87,7 +94,7 @@ def test_vocab_padding_is_zero_filled(sources, arch):
     from spin_mega.conversion.dist_ckpt import CheckpointReader
 
     reader = CheckpointReader(sources[arch]["mcore"] / "model")
-    embedding = reader.read("embedding.word_embeddings.weight", (0, 0), (1024, 256))
+    embedding = reader.read("embedding.word_embeddings.weight", (0, 0), (1152, 256))
     assert torch.count_nonzero(embedding[VOCAB:]) == 0
     assert torch.equal(embedding[:VOCAB], read_safetensors_dir(sources[arch]["hf"])["model.embed_tokens.weight"])
 
@@ -181,13 +188,19 @@ def test_megatron_logits_match_hf(sources, megatron_runs, arch, tp):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_converted_checkpoint_has_megatrons_own_layout(sources, megatron_runs, arch):
-    """Same keys, global shapes and dtypes as the checkpoint Megatron itself saves for the model."""
+    """Same keys, global shapes and dtypes as the checkpoint Megatron itself saves for the model (at TP=2 the
+    vocabulary is padded further, which Megatron's loader tolerates, so there only the keys must agree)."""
 
     def layout(path: Path) -> dict:
         metadata = pickle.loads((path / "model" / ".metadata").read_bytes()).state_dict_metadata
-        return {k: (tuple(getattr(v, "size", ())), getattr(getattr(v, "properties", None), "dtype", None)) for k, v in metadata.items()}
+        return {
+            k: (tuple(getattr(v, "size", ())), getattr(getattr(v, "properties", None), "dtype", None))
+            for k, v in metadata.items()
+        }
 
-    assert layout(sources[arch]["mcore"]) == layout(megatron_runs[arch] / "tp2") == layout(megatron_runs[arch] / "pp2")
+    converted = layout(sources[arch]["mcore"])
+    assert converted == layout(megatron_runs[arch] / "pp2")
+    assert converted.keys() == layout(megatron_runs[arch] / "tp2").keys()
 
 
 @pytest.mark.slow

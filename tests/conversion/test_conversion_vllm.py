@@ -41,7 +41,7 @@ def test_vllm_generates_and_scores_like_transformers(exported, engine):
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, prompt_logprobs=0)
     outputs = engine.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     model = AutoModelForCausalLM.from_pretrained(exported).eval()
-    for prompt, output in zip(PROMPTS, outputs):
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
         generated = list(output.outputs[0].token_ids)
         assert len(generated) == NEW_TOKENS
         ids = torch.tensor([prompt + generated])

@@ -3,10 +3,20 @@ results, forward and backward, with and without vocabulary padding."""
 
 from __future__ import annotations
 
+import pytest
+import torch
 import torch.multiprocessing as mp
 from kernel_dist_workers import free_port, fused_linear_worker, vocab_parallel_worker
 
 WORLD = 2
+
+
+@pytest.fixture(autouse=True)
+def _workers_interpret(monkeypatch) -> None:
+    # The spawned ranks import the kernels afresh: on CPU they need the interpreter switched on too
+    # (tests/conftest.py removes the variable from the environment other test processes inherit).
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def test_vocab_parallel_equals_unsharded() -> None:

@@ -60,3 +60,23 @@ def tiny_train(tmp_path_factory) -> dict:
     config_path = root / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
     return {"root": root, "config": config_path}
+
+
+@pytest.fixture(scope="session")
+def tiny_loop(tiny_train) -> dict:
+    """A config for a one-iteration `spin-mega run` on CPU in well under a minute: the tiny start model,
+    the demo's SFT prompts, generation with transformers, a checkpoint every training step (so that a
+    signal can be aimed at training)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
+    config["start_model"] = str(tiny_train["root"] / "start_mcore")
+    config["data"].update(train_path=str(REPO / "spin_mega" / "demo" / "assets" / "train.jsonl"),
+                          max_prompt_length=64, max_length=128)
+    config["generation"].update(backend="hf", max_new_tokens=8)
+    config["iterations"].update(num_iterations=1, num_prompts=96)
+    config["train"].update(micro_batch_size=2, global_batch_size=8, epochs=1, save_interval=1)
+    path = tiny_train["root"] / "loop.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return {"config": path, "start_mcore": tiny_train["root"] / "start_mcore",
+            "sft": REPO / "spin_mega" / "demo" / "assets" / "train.jsonl"}

@@ -195,3 +195,18 @@ def test_tokenizer_without_chat_template_is_refused(tiny_run, tmp_path):
     result = spin_mega("train", str(tiny_run["config"]), "--workdir", str(tmp_path / "w"), "--set", f"data.tokenizer={plain}")
     assert result.returncode == 2
     assert "has no chat template" in result.stderr
+
+
+@pytest.mark.slow
+def test_triton_kernels_in_the_trainer_match_the_float64_reference(tiny_run, tmp_path):
+    """The trainer's default log-prob path with the real Triton kernels (the interpreter on CPU, compiled on
+    a GPU) against the float64 reference path, through the same two optimizer steps."""
+    settings = ["--set", "train.global_batch_size=4"]
+    kernel = spin_mega(
+        "train", str(tiny_run["config"]), "--workdir", str(tmp_path / "kernel"), "--max-steps", "2", *settings,
+        "--set", "train.logprobs=fused_linear", env={"TRITON_INTERPRET": "1"},
+    )
+    assert kernel.returncode == 0, kernel.stderr[-3000:]
+    reference = _train(tiny_run, tmp_path / "reference", *settings, "--set", "train.logprobs=reference", max_steps=2)
+    for a, b in zip(read_metrics(tmp_path / "kernel"), reference):
+        _assert_same_step(a, b, 1e-5, f"step {a['step']}")

@@ -1,0 +1,82 @@
+"""The demo's shipped data and its start-model builder (tokenizer, tiny Llama, SFT warm-up)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from spin_mega.data.chat import render_prompt
+from spin_mega.demo.build import ASSETS, encode_sft_example, load_demo_rows, sft_warmup
+from spin_mega.demo.make_data import extract_answer
+
+
+def test_shipped_data_is_the_scripts_output():
+    proc = subprocess.run([sys.executable, "-m", "spin_mega.demo.make_data", "--check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_shipped_data_is_small_and_well_formed():
+    assert sum(p.stat().st_size for p in ASSETS.glob("*.jsonl")) < 200_000
+    train, heldout = load_demo_rows("train"), load_demo_rows("heldout")
+    assert 300 <= len(train) <= 1000 and len(heldout) >= 64
+    for row in train + heldout:
+        assert list(row) == ["prompt_id", "prompt", "response", "answer"]
+        assert extract_answer(row["response"]) == row["answer"]
+    ids = [r["prompt_id"] for r in train + heldout]
+    assert len(set(ids)) == len(ids)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
+    for split in (train, heldout):
+        assert {r["prompt_id"].split("-")[1] for r in split[:12]} == {"add", "copy", "reverse"}
+
+
+def test_the_evaluators_answer_extraction_agrees_with_the_data():
+    evaluation = pytest.importorskip("spin_mega.evaluation")
+    for row in load_demo_rows("train") + load_demo_rows("heldout"):
+        assert evaluation.extract_answer(row["response"]) == row["answer"]
+
+
+def test_tokenizer_and_model_shape(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    assert len(tokenizer) % 64 == 0 and len(tokenizer) <= 1024
+    assert tokenizer.bos_token and tokenizer.eos_token and tokenizer.pad_token
+    assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
+    text = render_prompt(tokenizer, "What is 3 plus 4?")
+    assert text == "<|bos|><|user|>\nWhat is 3 plus 4?\n<|assistant|>\n"
+    # BOS comes from the template only, so added special tokens cannot double it.
+    assert tokenizer(text)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    for row in load_demo_rows("heldout"):
+        assert tokenizer.decode(tokenizer(row["response"])["input_ids"]) == row["response"]
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (256, 4, 2, 64)
+    assert config["vocab_size"] == len(tokenizer) and config["tie_word_embeddings"] is False
+    assert (tiny_model / "model.safetensors").is_file() and (tiny_model / "generation_config.json").is_file()
+    generation = json.loads((tiny_model / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_token_id
+
+
+def test_sft_examples_mask_the_prompt(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    ids, labels = encode_sft_example(tokenizer, "Add 1 and 2.", "1 plus 2 is 3.")
+    prompt_len = len(tokenizer(render_prompt(tokenizer, "Add 1 and 2."), add_special_tokens=False)["input_ids"])
+    assert labels[:prompt_len] == [-100] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[prompt_len:-1]) == "1 plus 2 is 3."
+
+
+def test_sft_warmup_lowers_the_response_loss(tiny_model, tmp_path):
+    rows = load_demo_rows("train")[:64]
+    result = sft_warmup(tiny_model, rows, steps=30, lr=3e-3, out_dir=tmp_path / "sft", batch_size=16, seed=0)
+    losses = result["losses"]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sft"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "sft"))
+    ids, labels = encode_sft_example(tokenizer, rows[0]["prompt"], rows[0]["response"])
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+    assert float(loss) < losses[0]
+    assert json.loads((tmp_path / "sft" / "spin_mega_build.json").read_text())["steps"] == 30
