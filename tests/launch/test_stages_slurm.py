@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def _submit(cluster, script: str, workdir: Path, *args: str) -> list[str]:
-    result = cluster.run([str(LAUNCH / script), *args, "--workdir", str(workdir), "--gpus-per-node", "0"], cwd=workdir)
+    result = cluster.run([str(LAUNCH / script), "--workdir", str(workdir), "--gpus-per-node", "0", *args], cwd=workdir)
     ids = result.stdout.split()
     assert ids and all(i.isdigit() for i in ids), (result.stdout, result.stderr)
     return ids
