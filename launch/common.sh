@@ -201,7 +201,9 @@ spin_master_env() {
 spin_network_report() {
   local set_vars
   set_vars=$(env | grep -E '^(NCCL_|GLOO_|UCX_|FI_|TORCH_NCCL_)' | sort | tr '\n' ' ')
-  spin_log "rendezvous ${MASTER_ADDR:-?}:${MASTER_PORT:-?}; network variables in effect: ${set_vars:-none (library defaults)}"
+  local rendezvous=""
+  [ -n "${MASTER_ADDR:-}" ] && rendezvous="rendezvous $MASTER_ADDR:$MASTER_PORT; "
+  spin_log "${rendezvous}network variables in effect: ${set_vars:-none (library defaults)}"
 }
 
 # Log directory of this job and attempt: WORKDIR/logs/<job name>-<job id>/attempt-<restart>/.

@@ -76,11 +76,15 @@ _spin_descendants() {
 
 _SPIN_RUN_PID=""
 _spin_loop_forward() {
+  if [ "$_SPIN_REQUEUED" = 1 ]; then
+    spin_log "attempt ${SLURM_RESTART_COUNT:-0} of job ${SLURM_JOB_ID:-} ends here (requeued)"
+    exit "$SPIN_EX_TEMPFAIL"
+  fi
   SPIN_PREEMPTED=1
   [ -n "$_SPIN_RUN_PID" ] || { spin_log "received SIG$1 before spin-mega run started"; return; }
   local pid cmd trainers=()
   for pid in $(_spin_descendants "$_SPIN_RUN_PID"); do
-    cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || continue
+    cmd=$( { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null) || continue  # it may have exited meanwhile
     case " $cmd" in *" -m spin_mega train "*|*"/spin-mega train "*) trainers+=("$pid") ;; esac
   done
   if [ ${#trainers[@]} -gt 0 ]; then

@@ -38,6 +38,7 @@ from spin_mega.config import SpinConfig, config_from_dict, config_to_dict, dump_
 from spin_mega.errors import SpinMegaError
 from spin_mega.io import atomic_write_json, atomic_write_text, read_jsonl
 from spin_mega.models import checkpoint as model_ckpt
+from spin_mega.parallel.distributed import free_port
 
 EXIT_PREEMPTED = 75
 HELDOUT_PREFIX = "heldout/"
@@ -210,6 +211,9 @@ class SpinLoop:
             spin_mega_cmd(
                 "generate", str(self.config_path), "--model", str(self.hf_model(t)), "--data", str(it_dir / "prompts.jsonl"),
                 "--out", str(combined), "--set", f"generation.seed={seed}",
+                # One engine for the whole prompt set, even inside a multi-task Slurm allocation (whose
+                # SLURM_PROCID/SLURM_NTASKS the generator would otherwise read as a shard assignment).
+                "--shard-index", "0", "--num-shards", "1",
             ),
             f"generation of iteration {t}", it_dir / "logs" / "generate.log",
         )
@@ -242,9 +246,13 @@ class SpinLoop:
         ]
         if self.nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}", "-m", "spin_mega", *args]
+            env = None
         else:
             cmd = spin_mega_cmd(*args)
-        code = _subprocess(cmd, f"training of iteration {t}", it_dir / "logs" / "train.log")
+            # A single local rank, stated explicitly: inside a Slurm allocation the trainer would otherwise take
+            # SLURM_NTASKS ranks from the environment and wait for peers that were never started.
+            env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        code = _subprocess(cmd, f"training of iteration {t}", it_dir / "logs" / "train.log", env=env)
         if code == EXIT_PREEMPTED:
             raise Preempted(f"training of iteration {t} was preempted; its checkpoint is saved")
 

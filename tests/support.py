@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from spin_mega.parallel.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,12 +71,6 @@ TINY_MODEL = {
     "head_dim": 64,
     "max_position_embeddings": 256,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def spin_mega(*args: str, nproc: int = 1, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):

@@ -4,7 +4,6 @@ import-safe definitions; each worker checks its own rank's results and raises on
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import pytest
@@ -20,12 +19,6 @@ from spin_mega.kernels import (
     token_logprobs,
     vocab_parallel_token_logprobs,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _init(rank: int, world: int, port: int) -> torch.device:

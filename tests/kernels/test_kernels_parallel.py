@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from kernel_dist_workers import free_port, fused_linear_worker, vocab_parallel_worker
+from kernel_dist_workers import fused_linear_worker, vocab_parallel_worker
+
+from spin_mega.parallel.distributed import free_port
 
 WORLD = 2
 
