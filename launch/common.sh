@@ -1,4 +1,6 @@
 # shellcheck shell=bash
+# `check || spin_die ...` is meant (spin_die exits); variables set here are read by the sourcing scripts.
+# shellcheck disable=SC2015,SC2034
 # Shared glue for the spin-mega Slurm scripts (train.sbatch, generate.sbatch, convert.sbatch, spin_loop.sh).
 # Sourced, never executed. Nothing here starts work: it parses the launch flags, validates them against
 # the allocation, derives the rendezvous address, builds the srun command and runs one step with
@@ -265,7 +267,6 @@ spin_sbatch_args() {
 spin_submit() {
   local stage=$1 script=$2
   shift 2
-  mkdir -p "$SPIN_WORKDIR/logs" || spin_die "cannot create $SPIN_WORKDIR/logs"
   spin_sbatch_args "$stage"
   export SPIN_LAUNCH_DIR SPIN_WORKDIR SPIN_NODES SPIN_GPUS_PER_NODE SPIN_TASKS_PER_NODE SPIN_SIGNAL_SECONDS \
     SPIN_MAX_RESTARTS SPIN_TASK_EXIT_WAIT
@@ -274,12 +275,17 @@ spin_submit() {
   [ -n "${SPIN_CPUS_PER_TASK:-}" ] && export SPIN_CPUS_PER_TASK
   [ -n "${SPIN_CONTAINER_IMAGE:-}" ] && export SPIN_CONTAINER_IMAGE
   [ -n "${SPIN_CONTAINER_MOUNTS:-}" ] && export SPIN_CONTAINER_MOUNTS
+  # The job must not submit itself again.
+  local arg args=()
+  for arg in "$@"; do [ "$arg" = --submit ] || args+=("$arg"); done
   if [ "$SPIN_DRY_RUN" = 1 ]; then
-    echo "${SPIN_SBATCH[*]} $script $*"
+    echo "${SPIN_SBATCH[*]} $script ${args[*]}"
     return 0
   fi
+  # sbatch does not create the directory of --output; a job whose log cannot be opened fails silently.
+  mkdir -p "$SPIN_WORKDIR/logs" || spin_die "cannot create $SPIN_WORKDIR/logs"
   local out
-  out=$("${SPIN_SBATCH[@]}" "$script" "$@") || spin_die "sbatch refused the job: ${out:-see the message above}"
+  out=$("${SPIN_SBATCH[@]}" "$script" "${args[@]+"${args[@]}"}") || spin_die "sbatch refused the job: ${out:-see the message above}"
   echo "${out%%;*}"
 }
 
@@ -333,17 +339,18 @@ spin_run_step() {
 # After a step: requeue this job when it was preempted (status 75, or a signal for a stage that can
 # simply be run again), otherwise exit with the step's status.
 spin_finish() {
-  local rc=$1 requeue_on_signal=${2:-0}
+  local rc=$1 requeue_on_signal=${2:-0} what
   if [ "$rc" -eq "$SPIN_EX_TEMPFAIL" ] || { [ "$SPIN_PREEMPTED" = 1 ] && [ "$requeue_on_signal" = 1 ] && [ "$rc" -ne 0 ]; }; then
     if [ "${SLURM_RESTART_COUNT:-0}" -ge "$SPIN_MAX_RESTARTS" ]; then
       spin_log "preempted, but job $SLURM_JOB_ID was already restarted $SLURM_RESTART_COUNT times (SPIN_MAX_RESTARTS): not requeueing"
       exit "$SPIN_EX_TEMPFAIL"
     fi
     if [ -n "${SLURM_JOB_ID:-}" ]; then
-      spin_log "preempted with a checkpoint saved: requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
+      if [ "$rc" -eq "$SPIN_EX_TEMPFAIL" ]; then what="with its checkpoint saved"; else what="(step status $rc; the stage runs again)"; fi
+      spin_log "preempted $what: requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
       _SPIN_REQUEUED=1
       if scontrol requeue "$SLURM_JOB_ID"; then
-        # Slurm signals this script as part of the requeue; the next attempt resumes from the checkpoint.
+        # Slurm signals this script as part of the requeue; the next attempt resumes where this one stopped.
         sleep 30 &
         wait $! 2>/dev/null
         exit "$SPIN_EX_TEMPFAIL"

@@ -38,6 +38,7 @@
 #SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --open-mode=append
+# shellcheck disable=SC2015,SC2317  # `check || spin_die` exits; trap handlers look unreachable
 set -uo pipefail
 
 _spin_dir=$(dirname "${BASH_SOURCE[0]}")
@@ -55,12 +56,12 @@ source "$SPIN_LAUNCH_DIR/common.sh"
 # Preemption inside the job (see the header); installed first so that no signal is lost while validating.
 _spin_descendants() {
   local -A children=()
-  local stat line pid rest state ppid
+  local stat line pid rest ppid
   for stat in /proc/[0-9]*/stat; do
     read -r line <"$stat" 2>/dev/null || continue
     pid=${line%% *}
     rest=${line##*) }
-    read -r state ppid _ <<<"$rest"
+    read -r _ ppid _ <<<"$rest"  # state, ppid, ...
     children[$ppid]+=" $pid"
   done
   local queue=("$1") p c

@@ -216,6 +216,9 @@ def generate(
         rows = rows[:num_prompts]
     indices = list(range(shard_index, len(rows), num_shards))
     if final.exists():
+        # A partial file beside a finished one is left from a crash between the final rename and its
+        # removal: everything in it is already in the finished file.
+        partial_path(final).unlink(missing_ok=True)
         count = sum(1 for line in final.read_text().splitlines() if line.strip())
         _log(progress, f"{final} is already complete ({count} rows); nothing to generate")
         return GenerationSummary(final, count, count, 0, 0, time.perf_counter() - start)

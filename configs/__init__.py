@@ -1,0 +1,1 @@
+"""Shipped run configurations (importable as spin_mega.configs so that wheels carry them)."""
