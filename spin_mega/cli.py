@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from spin_mega.commands import COMMANDS
 from spin_mega.errors import SpinMegaError
@@ -39,6 +40,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_required: bool 
 
 
 def main(argv: list[str] | None = None) -> None:
+    # megatron-core warns at import that Apex / Transformer Engine are absent; that is the expected state on
+    # CPU machines and on GPU images without them, and the warnings would bury the command's own output.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

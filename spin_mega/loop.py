@@ -227,11 +227,20 @@ class SpinLoop:
         atomic_write_text(it_dir / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in train))
 
     def _pairs(self, t: int, it_dir: Path) -> None:
-        rows = []
+        rows, identical = [], 0
         first = max(0, t - self.cfg.iterations.mix_previous_iterations)
         for s in range(first, t + 1):
             for r in read_jsonl(self.workdir / f"iter_{s}" / "generations.jsonl"):
+                # A generation equal to the human response gives chosen == rejected: its loss is the constant
+                # l(0) with zero gradient, so it would only dilute the batch and the reward accuracy.
+                if str(r["rejected"]).strip() == str(r["chosen"]).strip():
+                    identical += 1
+                    continue
                 rows.append({"prompt_id": f"{r['prompt_id']}@{s}", "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
+        if identical:
+            log(f"iteration {t}: {identical} generations identical to the human response left out of the pairs")
+        if not rows:
+            raise SpinMegaError(f"iteration {t}: every generation equals its human response; SPIN has nothing left to learn")
         random.Random(self.cfg.data.shuffle_seed + t).shuffle(rows)
         atomic_write_text(it_dir / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -283,6 +292,7 @@ class SpinLoop:
             "eval": json.loads((it_dir / "eval.json").read_text()) if (it_dir / "eval.json").is_file() else None,
             "generation": {
                 "num_prompts": len(gens),
+                "identical_to_human": sum(str(r["rejected"]).strip() == str(r["chosen"]).strip() for r in gens),
                 "mean_response_tokens": mean_tokens("rejected"),
                 "mean_chosen_tokens": mean_tokens("chosen"),
             },

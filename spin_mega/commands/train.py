@@ -28,12 +28,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from spin_mega.config import load_config
-    from spin_mega.training.trainer import train
 
     overrides = list(args.overrides)
     if args.tp is not None:
         overrides.append(f"parallel.tensor_parallel={args.tp}")
     if args.pp is not None:
         overrides.append(f"parallel.pipeline_parallel={args.pp}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # before importing megatron: a config error costs no start-up
+    from spin_mega.training.trainer import train
+
     return train(cfg, args.workdir, max_steps=args.max_steps)

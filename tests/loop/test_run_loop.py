@@ -89,8 +89,10 @@ def test_two_iterations_with_vllm(straight_run):
         gens = read_jsonl(it / "generations.jsonl")
         assert len(gens) == 32 and all(g["rejected"] is not None for g in gens)
         assert gens[0]["meta"]["backend"] == "vllm"
-    # Iteration 1 trains on its own pairs and iteration 0's (mix_previous_iterations = 1).
-    assert len(read_jsonl(w / "iter_1" / "pairs.jsonl")) == 64
+    # Iteration 1 trains on its own pairs and iteration 0's (mix_previous_iterations = 1), less generations
+    # that equal the human response (no signal).
+    identical = sum(it["generation"]["identical_to_human"] for it in summary["iterations"])
+    assert len(read_jsonl(w / "iter_1" / "pairs.jsonl")) == 64 - identical
     # Theta_1 generated iteration 1's responses: they differ from theta_0's for at least one prompt.
     first = {g["prompt_id"]: g["rejected"] for g in read_jsonl(w / "iter_0" / "generations.jsonl")}
     second = {g["prompt_id"]: g["rejected"] for g in read_jsonl(w / "iter_1" / "generations.jsonl")}
@@ -105,16 +107,17 @@ def test_prompt_is_rendered_identically_for_generation_and_training(straight_run
     from spin_mega.config import DataConfig
     from spin_mega.data import render_prompt, tokenize_pairs
     from spin_mega.data.sources import load_rows
-    from spin_mega.generation.runner import rendered_prompt_ids
+    from spin_mega.generation.runner import prepare_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(str(straight_run / "iter_0" / "hf"))
     pairs = load_rows(straight_run / "iter_0" / "pairs.jsonl", "pairs")
     row = pairs[0]
     tokenized, _ = tokenize_pairs(pairs.select([0]), tokenizer, DataConfig(max_prompt_length=256, max_length=512))
     training_prompt_ids = list(tokenized[0]["prompt_ids"])
-    generation_prompt_ids = rendered_prompt_ids(tokenizer, row["prompt"])
-    assert training_prompt_ids == generation_prompt_ids
-    assert tokenizer.decode(training_prompt_ids) == render_prompt(tokenizer, row["prompt"])
+    (prepared,), _ = prepare_prompts(tokenizer, [dict(row)])
+    assert training_prompt_ids == list(prepared.token_ids)
+    assert prepared.text == render_prompt(tokenizer, row["prompt"])
+    assert tokenizer.decode(training_prompt_ids) == prepared.text
 
 
 def _kill_tree(proc: subprocess.Popen, sig: int) -> None:
@@ -162,7 +165,7 @@ def test_interrupted_run_resumes_to_the_same_summary(loop_setup, straight_run):
     result = _run(loop_setup["config"], workdir)
     assert result.returncode == 0, result.stderr[-4000:]
     log = (workdir / "iter_0" / "logs" / "generate.log").read_text()
-    assert f"resuming: {len(done_before)} of 40 prompts already generated" in log
+    assert f"({len(done_before)} resumed, {40 - len(done_before)} generated" in log
 
     straight = json.loads((straight_run / "summary.json").read_text())
     resumed = json.loads((workdir / "summary.json").read_text())
