@@ -3,7 +3,8 @@
 - heldout_logp_per_token: mean log-likelihood per response token of the held-out human responses
   (higher is better; SPIN should raise it, since it pushes the model towards the human distribution).
 - heldout_reward_accuracy: SPIN's reward accuracy on held-out pairs (human response vs the opponent's
-  own generation): how often log p_new(y|x) - log p_opp(y|x) exceeds log p_new(y'|x) - log p_opp(y'|x).
+  own generation, where the two differ): how often log p_new(y|x) - log p_opp(y|x) exceeds
+  log p_new(y'|x) - log p_opp(y'|x).
 - exact_match: the task metric where the held-out rows carry an `answer`: greedy decoding, answer
   extracted as the text after the last "is " or ": " without the closing full stop (the demo's style).
 - lm-evaluation-harness tasks, when `eval.lm_eval_tasks` is set and the harness and its data are installed.
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -23,16 +23,13 @@ from spin_mega.errors import SpinMegaError
 
 
 def extract_answer(response: str) -> str:
+    """The answer in a response written in the demo's style: the text after the last " is " or ": ",
+    without the closing full stop. Applied the same way to human and generated responses."""
     text = response.strip()
-    cut = max(text.rfind("is "), -1)
-    colon = text.rfind(": ")
-    if colon > cut:
-        start = colon + 2
-    elif cut >= 0:
-        start = cut + 3
-    else:
-        start = 0
-    return re.sub(r"[.!\s]+$", "", text[start:]).strip()
+    cut = max(text.rfind(" is "), text.rfind(": "))
+    if cut >= 0:
+        text = text[cut + (4 if text[cut] == " " else 2) :]
+    return text.strip().rstrip(".").strip()
 
 
 def _load_hf(model_dir: str | Path):
@@ -133,8 +130,9 @@ def evaluate(
         "heldout_reward_accuracy": None,
         "exact_match": None,
     }
-    if opponent_dir is not None and heldout_pairs:
-        pairs = list(heldout_pairs)[: cfg.max_samples]
+    # Pairs whose generation equals the human response have equal rewards by construction: no signal.
+    pairs = [p for p in (heldout_pairs or []) if str(p["rejected"]).strip() != str(p["chosen"]).strip()][: cfg.max_samples]
+    if opponent_dir is not None and pairs:
         texts = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
         new = response_logprobs(model, tokenizer, texts)
         opp_model, opp_tok = _load_hf(opponent_dir)

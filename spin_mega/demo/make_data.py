@@ -18,6 +18,8 @@ import random
 import sys
 from pathlib import Path
 
+from spin_mega.evaluation import extract_answer
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 SEED = 20240102
 TRAIN_PER_TASK = 240
@@ -51,16 +53,6 @@ def _reverse(rng: random.Random) -> tuple[str, str, str]:
 
 
 TASKS = {"add": _add, "copy": _copy, "reverse": _reverse}
-
-
-def extract_answer(response: str) -> str:
-    """The answer in a response written in the demo's style: the text after the last "is " or ": ",
-    without the closing full stop. Applied the same way to human and generated responses."""
-    text = response.strip()
-    cut = max(text.rfind(" is "), text.rfind(": "))
-    if cut >= 0:
-        text = text[cut + (4 if text[cut] == " " else 2):]
-    return text.strip().rstrip(".").strip()
 
 
 def build_rows() -> dict[str, list[dict]]:
