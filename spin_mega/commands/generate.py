@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def add_parser(sub) -> None:
     from spin_mega.cli import add_config_arguments
@@ -19,12 +17,11 @@ def add_parser(sub) -> None:
             "Under Slurm, every task takes its share of the prompts (SLURM_PROCID of SLURM_NTASKS) and writes "
             "OUT.shard-<i>-of-<n>; `--merge` then joins the shards into OUT."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_arguments(parser, config_required=False)
     parser.add_argument("--model", help="HF model directory to sample from (default: the config's start_model)")
     parser.add_argument("--data", help="SFT data: .jsonl/.json/.parquet or a save_to_disk directory (default: data.train_path)")
-    parser.add_argument("--out", required=True, help="output JSONL file")
+    parser.add_argument("--out", required=True, help="output JSONL file (shards: OUT.shard-<i>-of-<n>)")
     parser.add_argument("--backend", choices=["vllm", "hf"], default=None, help="default: generation.backend of the config")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: data.tokenizer, else the model's)")
     parser.add_argument("--num-prompts", type=int, default=None, help="only the first N prompts of the data")

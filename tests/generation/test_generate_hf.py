@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -15,7 +14,13 @@ from transformers import AutoTokenizer
 from spin_mega.config import DataConfig
 from spin_mega.data.chat import render_prompt
 from spin_mega.errors import DataError, SpinMegaError
-from spin_mega.generation import generate, merge_shards, prepare_prompts, shard_from_env, shard_path
+from spin_mega.generation import (
+    generate,
+    merge_shards,
+    prepare_prompts,
+    shard_from_env,
+    shard_path,
+)
 from spin_mega.generation.base import cut_at_eos, prompt_seed
 from spin_mega.generation.runner import partial_path
 from tests.generation.gen_helpers import gen_config, read_rows
@@ -148,6 +153,20 @@ def test_resume_after_the_process_is_killed_mid_run(tiny_model, sft_file, sft_ro
     assert rows[:8] == finished
 
 
+def test_pairs_rows_use_chosen_as_the_human_response(tiny_model, sft_rows, tmp_path):
+    pairs = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": r["response"], "rejected": "old"} for r in sft_rows[:3]]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    generate(tiny_model, path, tmp_path / "gen.jsonl", config=gen_config(), progress=False)
+    assert [r["chosen"] for r in read_rows(tmp_path / "gen.jsonl")] == [r["response"] for r in sft_rows[:3]]
+
+
+def test_duplicate_prompt_ids_are_refused(tiny_model, sft_rows, tmp_path):
+    rows = [sft_rows[0], dict(sft_rows[1], prompt_id=sft_rows[0]["prompt_id"])]
+    with pytest.raises(DataError, match="more than once"):
+        generate(tiny_model, rows, tmp_path / "gen.jsonl", config=gen_config(), progress=False)
+
+
 def test_partial_file_of_another_run_is_refused(tiny_model, sft_file, tmp_path):
     out = tmp_path / "gen.jsonl"
     partial_path(out).write_text(json.dumps({"prompt_id": "not-in-this-data", "rejected": "x"}) + "\n")
@@ -210,7 +229,8 @@ def test_cli_errors_are_one_sentence(tiny_model, tmp_path):
 def test_cli_generates_with_config_overrides(tiny_model, sft_file, tmp_path):
     out = tmp_path / "gen.jsonl"
     config = tmp_path / "c.yaml"
-    config.write_text("generation:\n  backend: vllm\n  max_new_tokens: 64\n")
+    # data.schema describes data.train_path; a file given with --data is recognised by its columns.
+    config.write_text("data:\n  schema: ultrachat\ngeneration:\n  backend: vllm\n  max_new_tokens: 64\n")
     proc = subprocess.run(
         [sys.executable, "-m", "spin_mega", "generate", str(config), "--model", str(tiny_model), "--data", str(sft_file(5)),
          "--out", str(out), "--backend", "hf", "--set", "generation.max_new_tokens=3", "--num-prompts", "4", "--no-progress"],

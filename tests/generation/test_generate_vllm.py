@@ -7,10 +7,10 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from spin_mega.generation import generate, merge_shards  # noqa: E402
-from spin_mega.generation.runner import partial_path  # noqa: E402
-from spin_mega.generation.vllm_backend import VLLMBackend  # noqa: E402
-from tests.generation.gen_helpers import gen_config, read_rows  # noqa: E402
+from spin_mega.generation import generate, merge_shards
+from spin_mega.generation.runner import partial_path
+from spin_mega.generation.vllm_backend import VLLMBackend
+from tests.generation.gen_helpers import gen_config, read_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -45,7 +45,8 @@ def loop_setup(tmp_path_factory) -> dict:
     config["data"].update(train_path=str(sft), schema="prompt_response")
     config["eval"].update(eval_path=str(heldout), max_samples=8, max_new_tokens=12)
     config["train"].update(micro_batch_size=4, global_batch_size=8, epochs=1)
-    config["generation"].update(backend="vllm", max_new_tokens=16)
+    # Flushes of 8 prompts give the interruption test a partial file to stop in.
+    config["generation"].update(backend="vllm", max_new_tokens=16, batch_size=8)
     config["iterations"].update(num_iterations=2, num_prompts=32, lr=[1e-4], beta=[0.1])
     path = root / "loop.yaml"
     path.write_text(yaml.safe_dump(config))
