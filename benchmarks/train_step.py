@@ -128,13 +128,11 @@ def main() -> None:
         _write_pairs(pairs, args.global_batch * (args.steps + 1), args.prompt_words, args.response_words)
         shape = SHAPES[args.shape]
         start = root / "start"
-        script = (
-            "import torch\nfrom spin_mega.config import ModelConfig\nfrom spin_mega.models.init import write_random_checkpoint\n"
-            "if __name__ == '__main__':\n"
-            f"    write_random_checkpoint(ModelConfig(**{shape!r}), {str(start)!r}, {str(tokenizer)!r}, "
-            f"dtype=torch.{'bfloat16' if gpu else 'float32'})\n"
+        subprocess.run(
+            [sys.executable, "-m", "spin_mega.models.init", "--model", json.dumps(shape), "--out", str(start),
+             "--tokenizer", str(tokenizer), "--dtype", "bfloat16" if gpu else "float32"],
+            check=True, capture_output=True,
         )
-        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
         config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
         config["start_model"] = str(start)
         config["data"].update(train_path=str(pairs), max_prompt_length=512, max_length=2048)

@@ -73,6 +73,16 @@ TINY_MODEL = {
 }
 
 
+def write_random_start(out: Path, tokenizer: Path, seed: int = 7, model: dict | None = None) -> Path:
+    """A randomly initialised Megatron checkpoint of the tiny shape, with the tokenizer beside it."""
+    subprocess.run(
+        [sys.executable, "-m", "spin_mega.models.init", "--model", json.dumps(model or TINY_MODEL), "--out", str(out),
+         "--tokenizer", str(tokenizer), "--seed", str(seed)],
+        check=True, capture_output=True,
+    )
+    return out
+
+
 def spin_mega(*args: str, nproc: int = 1, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Runs `spin-mega ARGS` (under torchrun for nproc > 1) and returns the CompletedProcess."""
     if nproc > 1:

@@ -29,3 +29,25 @@ def write_random_checkpoint(
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / model_ckpt.TOKENIZER_SUBDIR)
     return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m spin_mega.models.init --model JSON --out DIR [--tokenizer DIR] [--seed N] [--dtype D]`: a
+    fresh process, as torch.distributed start-up needs (benchmarks and tests use this)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", required=True, help="ModelConfig fields as a JSON object")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    args = parser.parse_args(argv)
+    write_random_checkpoint(
+        ModelConfig(**json.loads(args.model)), args.out, args.tokenizer, seed=args.seed, dtype=getattr(torch, args.dtype)
+    )
+
+
+if __name__ == "__main__":
+    main()

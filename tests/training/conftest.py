@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import yaml
 
-from tests.support import REPO, TINY_MODEL, build_tokenizer, write_pairs
+from tests.support import REPO, build_tokenizer, write_pairs, write_random_start
 
 
 @pytest.fixture(scope="session")
@@ -17,13 +14,7 @@ def tiny_run(tmp_path_factory) -> dict:
     tokenizer = build_tokenizer(root / "tokenizer")
     pairs = write_pairs(root / "pairs.jsonl", 64)
     start = root / "start_mcore"
-    script = (
-        "from spin_mega.config import ModelConfig\n"
-        "from spin_mega.models.init import write_random_checkpoint\n"
-        "if __name__ == '__main__':\n"
-        f"    write_random_checkpoint(ModelConfig(**{TINY_MODEL!r}), {str(start)!r}, {str(tokenizer)!r}, seed=7)\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    write_random_start(start, tokenizer, seed=7)
     config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
     config["start_model"] = str(start)
     config["data"].update(train_path=str(pairs), max_prompt_length=64, max_length=128)
