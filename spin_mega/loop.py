@@ -56,7 +56,9 @@ class Preempted(Exception):
     """Training stopped on a signal after saving a checkpoint; re-running the loop resumes it."""
 
 
-def _subprocess(cmd: list[str], what: str, log_path: Path, env: Optional[dict] = None) -> int:
+def _subprocess(
+    cmd: list[str], what: str, log_path: Path, env: Optional[dict] = None, preempted: Optional[Path] = None
+) -> int:
     """Runs a stage's command with its output teed to a log file in the work directory.
 
     SIGTERM and SIGUSR1 (Slurm's preemption notices) are passed on to the stage, and the loop waits for it:
@@ -85,6 +87,8 @@ def _subprocess(cmd: list[str], what: str, log_path: Path, env: Optional[dict] =
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+    if code != 0 and preempted is not None and preempted.is_file():
+        code = EXIT_PREEMPTED  # under torchrun the trainer's 75 arrives as 1; its marker file tells
     if code not in (0, EXIT_PREEMPTED):
         errors = [t for t in tail if "error" in t.lower()]
         detail = (errors or tail or ["no output"])[-1]
@@ -261,7 +265,12 @@ class SpinLoop:
             # A single local rank, stated explicitly: inside a Slurm allocation the trainer would otherwise take
             # SLURM_NTASKS ranks from the environment and wait for peers that were never started.
             env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        code = _subprocess(cmd, f"training of iteration {t}", it_dir / "logs" / "train.log", env=env)
+        from spin_mega.training.trainer import PREEMPTED_MARKER
+
+        code = _subprocess(
+            cmd, f"training of iteration {t}", it_dir / "logs" / "train.log", env=env,
+            preempted=it_dir / "train" / PREEMPTED_MARKER,
+        )
         if code == EXIT_PREEMPTED:
             raise Preempted(f"training of iteration {t} was preempted; its checkpoint is saved")
 

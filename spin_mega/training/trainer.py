@@ -35,6 +35,8 @@ from spin_mega.training.optim import build_optimizer, build_scheduler, uses_dist
 from spin_mega.training.telemetry import GpuTelemetry, peak_flops_per_gpu, spin_step_flops, transformer_flops_per_token
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after a signal; run the same command to resume
+# Also left in the work directory on that exit: torchrun reports a worker's 75 as its own exit 1.
+PREEMPTED_MARKER = "preempted.json"
 OPPONENT_FILE = "opponent_logps.json"
 
 
@@ -66,6 +68,24 @@ class _StopFlag:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _start_checkpoint_helpers_deaf_to_preemption() -> None:
+    """Starts dist_checkpointing's helper processes (its spawn-context manager and multiprocessing's resource
+    tracker) with SIGUSR1 and SIGTERM blocked, which they inherit.
+
+    Slurm signals every process of a job step, not only the trainer: helpers that died on SIGUSR1 would break
+    the very checkpoint the signal asks for. The trainer itself handles the signals at a step boundary."""
+    import multiprocessing.resource_tracker as resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    try:
+        resource_tracker.ensure_running()
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _device() -> torch.device:
@@ -365,10 +385,13 @@ class Trainer:
             start_step = int(state["step"])
             _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
         self._truncate_metrics(start_step)
+        if dist.get_rank() == 0:
+            (self.workdir / PREEMPTED_MARKER).unlink(missing_ok=True)
         if start_step >= self.total_steps:
             _log("training already complete")
             return 0
 
+        _start_checkpoint_helpers_deaf_to_preemption()
         stop = _StopFlag()
         stop.install()
         telemetry = GpuTelemetry()
@@ -442,6 +465,8 @@ class Trainer:
                 save_due = cfg.train.save_interval and done % cfg.train.save_interval == 0 and done < self.total_steps
                 if stop.agreed():
                     self._save(done)
+                    if dist.get_rank() == 0:
+                        atomic_write_json(self.workdir / PREEMPTED_MARKER, {"step": done, "time": time.time()})
                     _log(f"stopped by a signal after step {done}; checkpoint saved, re-run the same command to resume")
                     return EXIT_PREEMPTED
                 if save_due:

@@ -141,11 +141,14 @@ PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP
                                             cwd=self.root, start_new_session=True)
 
     def _add_hosts(self) -> None:
-        # MASTER_ADDR is the first node's name, so the node names must resolve on every "node".
-        missing = [n for n in NODES if not _resolves(n)]
+        # MASTER_ADDR is the first node's name, so the node names must resolve on every "node". A name
+        # that resolves only through another test session's line is added again under this session's own
+        # line: the other session removes its line when it ends, possibly while these jobs still run.
+        others = HOSTS_MARK in Path("/etc/hosts").read_text()
+        missing = [n for n in NODES if others or not _resolves(n)]
         if not missing:
             return
-        line = f"127.0.0.1 {' '.join(missing)} {HOSTS_MARK}\n"
+        line = f"127.0.0.1 {' '.join(missing)} {HOSTS_MARK} (pid {os.getpid()})\n"
         with open("/etc/hosts", "a") as handle:
             handle.write(line)
         self.hosts_added = line
