@@ -83,6 +83,24 @@ def write_random_start(out: Path, tokenizer: Path, seed: int = 7, model: dict | 
     return out
 
 
+def make_tiny_run(root: Path, epochs: int = 1) -> dict:
+    """The tiny training set-up shared by the trainer and Slurm tests: a random start checkpoint, tokenizer,
+    64 SPIN pairs and a config training them on CPU at 8 pairs a step (8 steps an epoch)."""
+    import yaml
+
+    tokenizer = build_tokenizer(root / "tokenizer")
+    pairs = write_pairs(root / "pairs.jsonl", 64)
+    start = write_random_start(root / "start_mcore", tokenizer, seed=7)
+    config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
+    config["start_model"] = str(start)
+    config["data"].update(train_path=str(pairs), max_prompt_length=64, max_length=128)
+    config["train"].update(micro_batch_size=2, global_batch_size=8, epochs=epochs, seed=11)
+    config["optim"].update(lr=1.0e-3, warmup_ratio=0.0)
+    config_path = root / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    return {"root": root, "config": config_path, "tokenizer": tokenizer, "pairs": pairs, "start": start}
+
+
 def spin_mega(*args: str, nproc: int = 1, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Runs `spin-mega ARGS` (under torchrun for nproc > 1) and returns the CompletedProcess."""
     if nproc > 1:

@@ -32,34 +32,11 @@ def slurm_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_train(tmp_path_factory) -> dict:
-    """A tiny random start model, tokenizer, 64 SPIN pairs and a config that trains them on CPU: the
-    same inputs for the Slurm runs and for the single-process reference they are compared with."""
-    import sys
+    """The trainer tests' tiny set-up, over 2 epochs (16 steps available; the tests cap them with --max-steps):
+    the same inputs for the Slurm runs and for the single-process reference they are compared with."""
+    from tests.support import make_tiny_run
 
-    import yaml
-
-    from tests.support import TINY_MODEL, build_tokenizer, write_pairs
-
-    root = tmp_path_factory.mktemp("tiny_train")
-    tokenizer = build_tokenizer(root / "tokenizer")
-    pairs = write_pairs(root / "pairs.jsonl", 64)
-    start = root / "start_mcore"
-    script = (
-        "from spin_mega.config import ModelConfig\n"
-        "from spin_mega.models.init import write_random_checkpoint\n"
-        "if __name__ == '__main__':\n"
-        f"    write_random_checkpoint(ModelConfig(**{TINY_MODEL!r}), {str(start)!r}, {str(tokenizer)!r}, seed=7)\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
-    config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
-    config["start_model"] = str(start)
-    config["data"].update(train_path=str(pairs), max_prompt_length=64, max_length=128)
-    # 8 pairs a step over 64 pairs, 2 epochs: 16 steps available; the tests cap them with --max-steps.
-    config["train"].update(micro_batch_size=2, global_batch_size=8, epochs=2, seed=11)
-    config["optim"].update(lr=1.0e-3, warmup_ratio=0.0)
-    config_path = root / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    return {"root": root, "config": config_path}
+    return make_tiny_run(tmp_path_factory.mktemp("tiny_train"), epochs=2)
 
 
 @pytest.fixture(scope="session")
