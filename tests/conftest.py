@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # `tests.support` holds helpers shared by the test packages.
@@ -22,3 +23,14 @@ if not torch.cuda.is_available():
     # PyTorch path on CPU, as they do for users, instead of inheriting the slow interpreter.
     triton.knobs.runtime.interpret = True
     del os.environ["TRITON_INTERPRET"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_datasets_cache(tmp_path_factory):
+    # `datasets` caches converted files in the user's cache; tests neither read stale entries nor leave any.
+    import datasets
+
+    datasets.disable_progress_bars()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
+        yield

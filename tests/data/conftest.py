@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -60,14 +59,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture()
 def tokenizer_without_template() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer(chat_template=False)
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_datasets_cache(tmp_path_factory):
-    datasets.disable_progress_bars()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
-        yield
 
 
 @pytest.fixture()

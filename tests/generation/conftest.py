@@ -6,19 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 
 from spin_mega.demo.build import build_tiny_model, build_tokenizer, load_demo_rows
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_datasets_cache(tmp_path_factory):
-    # load_rows goes through `datasets`, which would otherwise cache converted files in the user's cache.
-    datasets.disable_progress_bars()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
-        yield
 
 
 @pytest.fixture(scope="session")
