@@ -197,3 +197,25 @@ def test_interrupted_run_resumes_to_the_same_summary(loop_setup, straight_run_hf
     # Generations are identical too: generation resumes at a flush boundary, where the batches and their
     # seeds are the ones an uninterrupted run forms.
     assert read_jsonl(straight_run / "iter_0" / "generations.jsonl") == read_jsonl(workdir / "iter_0" / "generations.jsonl")
+
+
+def test_failed_stage_reports_one_line_and_keeps_earlier_outputs(loop_setup):
+    workdir = loop_setup["root"] / "failing"
+    # More pairs per step than the data has: the training stage fails after generation succeeded.
+    result = subprocess.run(
+        [sys.executable, "-m", "spin_mega", "run", str(loop_setup["config_hf"]), "--workdir", str(workdir),
+         "--set", "train.global_batch_size=4096"],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("spin-mega run: error:")]
+    assert len(error) == 1 and "training of iteration 0 failed" in error[0] and "global batch" in error[0]
+    assert (workdir / "iter_0" / ".done.generate").is_file()
+    assert len(read_jsonl(workdir / "iter_0" / "generations.jsonl")) == 32
+    assert not (workdir / "iter_0" / ".done.train").exists()
+    # Re-running with other settings in the same work directory is refused rather than mixing two runs.
+    again = subprocess.run(
+        [sys.executable, "-m", "spin_mega", "run", str(loop_setup["config_hf"]), "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert again.returncode == 2 and "different config" in again.stderr

@@ -210,3 +210,18 @@ def test_triton_kernels_in_the_trainer_match_the_float64_reference(tiny_run, tmp
     reference = _train(tiny_run, tmp_path / "reference", *settings, "--set", "train.logprobs=reference", max_steps=2)
     for a, b in zip(read_metrics(tmp_path / "kernel"), reference):
         _assert_same_step(a, b, 1e-5, f"step {a['step']}")
+
+
+def test_training_starts_from_an_hf_model_directory(tiny_run, tmp_path):
+    """start_model may be an HF directory: the trainer imports it into Megatron format once, then trains."""
+    from spin_mega.demo.build import build_tiny_model, build_tokenizer
+
+    hf = build_tiny_model(tmp_path / "hf", build_tokenizer(tmp_path / "tok"), seed=1)
+    workdir = tmp_path / "w"
+    result = spin_mega(
+        "train", str(tiny_run["config"]), "--workdir", str(workdir), "--max-steps", "1",
+        "--set", f"start_model={hf}", "--set", "data.tokenizer=null",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / "start_mcore" / "spin_mega_model.json").is_file()
+    assert abs(read_metrics(workdir)[0]["loss"] - LN2) < 1e-6
