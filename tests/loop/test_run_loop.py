@@ -58,27 +58,27 @@ def loop_setup(tmp_path_factory) -> dict:
     return {"root": root, "config": path, "config_hf": hf_path, "model": model}
 
 
-def _run(config: Path, workdir: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
+def _run(config: Path, workdir: Path, *extra: str, timeout: int = 1500) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "spin_mega", "run", str(config), "--workdir", str(workdir)],
+        [sys.executable, "-m", "spin_mega", "run", str(config), "--workdir", str(workdir), *extra],
         capture_output=True, text=True, timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
 
 
-@pytest.fixture(scope="module")
-def straight_run(loop_setup) -> Path:
-    workdir = loop_setup["root"] / "straight"
-    result = _run(loop_setup["config"], workdir)
+def _finished_run(config: Path, workdir: Path) -> Path:
+    result = _run(config, workdir)
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir
+
+
+@pytest.fixture(scope="module")
+def straight_run(loop_setup) -> Path:
+    return _finished_run(loop_setup["config"], loop_setup["root"] / "straight")
 
 
 @pytest.fixture(scope="module")
 def straight_run_hf(loop_setup) -> Path:
-    workdir = loop_setup["root"] / "straight_hf"
-    result = _run(loop_setup["config_hf"], workdir)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return workdir
+    return _finished_run(loop_setup["config_hf"], loop_setup["root"] / "straight_hf")
 
 
 def _comparable(summary: dict) -> list:
@@ -202,11 +202,7 @@ def test_interrupted_run_resumes_to_the_same_summary(loop_setup, straight_run_hf
 def test_failed_stage_reports_one_line_and_keeps_earlier_outputs(loop_setup):
     workdir = loop_setup["root"] / "failing"
     # More pairs per step than the data has: the training stage fails after generation succeeded.
-    result = subprocess.run(
-        [sys.executable, "-m", "spin_mega", "run", str(loop_setup["config_hf"]), "--workdir", str(workdir),
-         "--set", "train.global_batch_size=4096"],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
+    result = _run(loop_setup["config_hf"], workdir, "--set", "train.global_batch_size=4096", timeout=900)
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if line.startswith("spin-mega run: error:")]
     assert len(error) == 1 and "training of iteration 0 failed" in error[0] and "global batch" in error[0]
@@ -214,8 +210,5 @@ def test_failed_stage_reports_one_line_and_keeps_earlier_outputs(loop_setup):
     assert len(read_jsonl(workdir / "iter_0" / "generations.jsonl")) == 32
     assert not (workdir / "iter_0" / ".done.train").exists()
     # Re-running with other settings in the same work directory is refused rather than mixing two runs.
-    again = subprocess.run(
-        [sys.executable, "-m", "spin_mega", "run", str(loop_setup["config_hf"]), "--workdir", str(workdir)],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
+    again = _run(loop_setup["config_hf"], workdir, timeout=300)
     assert again.returncode == 2 and "different config" in again.stderr
