@@ -22,6 +22,7 @@ place and then marks itself done, so re-running the same command resumes at the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -191,11 +192,13 @@ class SpinLoop:
             log(f"iteration {t}: {skipped} SFT rows without a usable prompt or response skipped")
         rows = subsample(rows, self.cfg.iterations.num_prompts, seed=self.cfg.data.shuffle_seed + t)
         out = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["response"]} for r in rows]
-        for r in self._heldout_rows():
+        for r in self.heldout_rows:
             out.append({"prompt_id": HELDOUT_PREFIX + str(r["prompt_id"]), "prompt": r["prompt"], "response": r["response"]})
         atomic_write_text(it_dir / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in out))
 
-    def _heldout_rows(self) -> list[dict]:
+    @functools.cached_property
+    def heldout_rows(self) -> list[dict]:
+        """The held-out rows, read once per run (every evaluation and the prompt files use them)."""
         path = self.cfg.eval.eval_path or self.cfg.data.eval_path
         if not path:
             return []
@@ -278,7 +281,7 @@ class SpinLoop:
         from spin_mega.evaluation import evaluate
 
         pairs = read_jsonl(heldout_pairs) if heldout_pairs and heldout_pairs.is_file() else None
-        result = evaluate(model_dir, self._heldout_rows(), self.cfg.eval, opponent_dir=opponent, heldout_pairs=pairs)
+        result = evaluate(model_dir, self.heldout_rows, self.cfg.eval, opponent_dir=opponent, heldout_pairs=pairs)
         atomic_write_json(out, result)
 
     def _iteration_summary(self, t: int) -> dict:
@@ -331,7 +334,7 @@ class SpinLoop:
             raise SpinMegaError("data.train_path is not set: point it at the SFT data (prompt, response)")
         self._write_config()
         self._import_start()
-        if self._heldout_rows():
+        if self.heldout_rows:
             self._stage(self.workdir, "baseline_eval", "evaluate theta_0",
                         lambda: self._evaluate(self.hf_model(0), self.workdir / "baseline_eval.json", None, None))
         try:
@@ -345,7 +348,7 @@ class SpinLoop:
                 self._stage(it_dir, "train", f"iteration {t + 1}/{n}: train theta_{t + 1}", lambda: self._train(t, it_dir))
                 self._stage(it_dir, "export", f"iteration {t + 1}/{n}: export theta_{t + 1} to HF",
                             lambda: self._export(self.mcore_model(t + 1), it_dir / "hf"))
-                if self._heldout_rows():
+                if self.heldout_rows:
                     self._stage(it_dir, "eval", f"iteration {t + 1}/{n}: evaluate theta_{t + 1}",
                                 lambda: self._evaluate(it_dir / "hf", it_dir / "eval.json", self.hf_model(t), it_dir / "heldout_generations.jsonl"))
                 else:
