@@ -27,8 +27,12 @@ else
         echo "no wheels in $wheels: run benchmarks/gpu/fetch_wheels.sh where pip has an index, and carry the folder" >&2
         exit 2
     fi
+    pip_runner=("$venv/bin/python" -m pip)
     if [[ ! -x "$venv/bin/python" ]]; then
-        "$base" -m venv --system-site-packages "$venv"
+        # An interpreter without ensurepip (a Debian python, a uv-made venv) still gets a venv; the image's
+        # own pip then installs into it (pip's --python option).
+        "$base" -m venv --system-site-packages "$venv" 2>/dev/null \
+            || { rm -rf "$venv"; "$base" -m venv --system-site-packages --without-pip "$venv"; }
         # The image's python3 is itself a virtualenv (/opt/torch/.venv): --system-site-packages would
         # expose the interpreter's base site-packages, not the image's. A .pth file appends the image's
         # site-packages instead, after the new venv's own, so the carried wheels take precedence.
@@ -36,7 +40,8 @@ else
         "$base" -c 'import site, sys; print("\n".join(p for p in site.getsitepackages() if p))' > "$site/spin_mega_bench_image.pth"
     fi
     python="$venv/bin/python"
-    pip=("$python" -m pip install --quiet --no-index --no-cache-dir --disable-pip-version-check)
+    "$python" -m pip --version >/dev/null 2>&1 || pip_runner=("$base" -m pip --python "$python")
+    pip=("${pip_runner[@]}" install --quiet --no-index --no-cache-dir --disable-pip-version-check)
     # --no-deps: every requirement not carried is already in the image; pip must not try to replace torch.
     "${pip[@]}" --no-deps --find-links "$wheels" "$wheels"/*.whl
     # The image's setuptools builds spin-mega (no build isolation: there is no index to fetch one from).

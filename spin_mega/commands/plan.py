@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
                         help="shard fp32 main weights and optimizer state over DP (spin-mega does so for AdamW only)")
     parser.add_argument("--logprobs", choices=("fused_linear", "full_logits"), default="fused_linear",
                         help="log-prob head: fused with the output layer, or full logits then the kernel")
+    parser.add_argument("--sequence-parallel", choices=("on", "off"), default="on",
+                        help="sequence parallelism at TP > 1 (parallel.sequence_parallel): splits the hidden-sized activations over TP")
     parser.add_argument("--tp", type=int, default=None, help="consider only this tensor-parallel size")
     parser.add_argument("--pp", type=int, default=None, help="consider only this pipeline-parallel size")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="nominal dense bf16 peak per GPU, for the time estimate")
@@ -54,7 +56,8 @@ def run(args) -> int:
         model=model, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
         seq_len=args.seq_len, micro_batch=args.micro_batch, global_batch=args.global_batch, opponent=args.opponent,
         optimizer=args.optimizer, distributed_optimizer=args.distributed_optimizer == "on", logprobs=args.logprobs,
-        tensor_parallel=args.tp, pipeline_parallel=args.pp, peak_tflops=args.peak_tflops,
+        tensor_parallel=args.tp, pipeline_parallel=args.pp,
+        sequence_parallel=args.sequence_parallel == "on", peak_tflops=args.peak_tflops,
     )
     layouts, best = plan(req)
     total = total_params(model)
@@ -99,7 +102,7 @@ def run(args) -> int:
         return 1
     sets = [f"--set train.micro_batch_size={args.micro_batch}", f"--set train.global_batch_size={args.global_batch}",
             f"--set train.opponent={args.opponent}", f"--set optim.optimizer={args.optimizer}",
-            f"--set data.max_length={args.seq_len}", f"--set parallel.distributed_optimizer={'true' if req.distributed_optimizer else 'false'}"]
+            f"--set data.max_length={args.seq_len}", f"--set parallel.sequence_parallel={'true' if req.sequence_parallel else 'false'}", f"--set parallel.distributed_optimizer={'true' if req.distributed_optimizer else 'false'}"]
     if best.recompute:
         sets.append("--set train.recompute_activations=true")
     if args.logprobs == "full_logits":

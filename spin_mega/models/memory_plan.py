@@ -6,15 +6,20 @@ tests compare it with the bytes of the live Megatron model, DDP buffers and opti
 * parameters of a pipeline stage: its layers' weights, TP-sharded except the two RMSNorm weights per
   layer; the embedding [V_padded / TP, h] on the first stage; the final norm and the output layer on the
   last (with tied embeddings and PP > 1 the last stage holds its own copy, as Megatron does);
-* model weights in the training dtype (2 bytes bf16, 4 fp32);
+* model weights in the training dtype (2 bytes bf16, 4 fp32), except the RMSNorm weights: Megatron's
+  torch norm (used without Transformer Engine) creates them in fp32 whatever the model's dtype, so they
+  need no fp32 main copy;
 * gradients: Megatron DDP's fp32 buffer (grad_reduce_in_fp32), 4 bytes per parameter, never sharded;
 * fp32 main parameters (bf16 training only) and optimizer state (RMSProp 4 bytes: square average; AdamW 8:
   both moments), divided by DP when the distributed optimizer shards them (spin-mega uses it for AdamW);
-* activations kept for backward, per token per layer, from the tensors a layer saves: its two norm inputs
-  and the two linear inputs after them (h each, split over TP by sequence parallelism), q, k, v after RoPE
-  and the attention output ((q + 2 kv + q) head_dim / TP), the SwiGLU input and output (3 ffn / TP), with
-  fused (flash / SDPA) attention: no [s, s] scores. Under 1F1B, stage i holds min(PP - i, m) micro-batches
-  in flight. Full recomputation keeps each layer's input plus one layer's activations being recomputed;
+* activations kept for backward, per token per layer: the storages Megatron's local layer (the layer used
+  without Transformer Engine) saves, as read from a live layer on CPU (tests/training/test_memory_plan.py):
+  each RMSNorm's input and normalised output (4 h, in fp32: the norm computes in its weight's dtype) and
+  each linear block's input (2 h), split over TP by sequence parallelism; the fused QKV output (kept alive by the V view), q and k after RoPE and the attention output
+  ((3 q + 3 kv) head_dim / TP); the SwiGLU MLP's fc1 output and three ffn-sized intermediates (5 ffn / TP);
+  RoPE's cos and sin for q and k (4 head_dim per position). Fused (flash / SDPA) attention: no [s, s]
+  scores. Under 1F1B, stage i holds min(PP - i, m) micro-batches in flight. Full recomputation keeps each
+  layer's input plus one layer's activations being recomputed;
 * the opponent: `fused` keeps a frozen copy of the stage's weights (and its rows travel with the policy's
   through the pipeline); `precompute` keeps two floats per pair on the host, nothing on the GPU;
 * the log-prob head (last stage, one micro-batch at a time): the fused-linear path holds one vocabulary
@@ -35,6 +40,7 @@ from spin_mega.errors import ConfigError
 GIB = 2**30
 VOCAB_DIVISIBLE_BY = 128  # as spin_mega.models.gpt (kept torch-free here so planning needs no torch import)
 OVERHEAD_BYTES = 3 * GIB
+NORM_BYTES = 4  # RMSNorm weights and the tensors the norm saves are fp32 (see above)
 # The fused-linear kernel's chunk of logits holds about max(N * H, 2**24) elements (kernels/fused_linear.py).
 FUSED_CHUNK_MIN_ELEMENTS = 1 << 24
 # The cost model that ranks the layouts that fit: estimated seconds per optimizer step =
@@ -65,7 +71,7 @@ class PlanRequest:
     distributed_optimizer: bool = True
     dtype: Literal["bf16", "fp32"] = "bf16"
     logprobs: Literal["fused_linear", "full_logits"] = "fused_linear"
-    sequence_parallel: bool = True
+    sequence_parallel: bool = True  # at TP > 1 (the config's default; Megatron's torch norm needs TE for it)
     tensor_parallel: Optional[int] = None  # None: every candidate
     pipeline_parallel: Optional[int] = None
     peak_tflops: float = 989.0  # nominal dense bf16 peak per GPU (H100 / H200 SXM)
@@ -148,6 +154,11 @@ def stage_layers(num_layers: int, pp: int) -> list[int]:
     return [num_layers // pp] * pp
 
 
+def stage_norm_params(m: ModelConfig, pp: int, stage: int) -> int:
+    """RMSNorm weights of a stage: two per layer, and the final norm on the last stage."""
+    return 2 * m.hidden_size * stage_layers(m.num_layers, pp)[stage] + (m.hidden_size if stage == pp - 1 else 0)
+
+
 def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
     n = stage_layers(m.num_layers, pp)[stage] * layer_params(m, tp)
     embedding = padded_vocab(m.vocab_size, tp) // tp * m.hidden_size
@@ -160,11 +171,17 @@ def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
     return n
 
 
-def activation_bytes_per_token_layer(m: ModelConfig, tp: int, sequence_parallel: bool, dtype_bytes: int) -> float:
+def layer_activation_bytes(
+    m: ModelConfig, tp: int, sequence_parallel: bool, dtype_bytes: int, tokens: int, seq_len: int
+) -> float:
+    """Bytes one transformer layer keeps for backward for a micro-batch of `tokens` tokens in sequences
+    of `seq_len` (see the module docstring for the list of tensors)."""
     h_split = tp if (sequence_parallel and tp > 1) else 1
-    hidden_terms = 4 * m.hidden_size / h_split
-    inner = (2 * m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim + 3 * m.ffn_hidden_size
-    return dtype_bytes * (hidden_terms + inner / tp)
+    hidden_bytes = (4 * NORM_BYTES + 2 * dtype_bytes) * m.hidden_size / h_split
+    attention = (3 * m.num_attention_heads + 3 * m.num_query_groups) * m.head_dim
+    inner = (attention + 5 * m.ffn_hidden_size) / tp
+    rope = 4 * m.head_dim * seq_len  # per position, shared by the micro-batch's sequences
+    return (hidden_bytes + dtype_bytes * inner) * tokens + dtype_bytes * rope
 
 
 def bubble_fraction(pp: int, microbatches: int) -> float:
@@ -180,13 +197,13 @@ def plan_layout(req: PlanRequest, tp: int, pp: int) -> LayoutPlan:
     sharded = req.distributed_optimizer and req.optimizer == "adamw"
     layout = LayoutPlan(tp, pp, dp, micro, bubble_fraction(pp, micro), sharded)
     tokens = 2 * req.micro_batch * req.seq_len  # chosen + rejected
-    per_layer_token = activation_bytes_per_token_layer(m, tp, req.sequence_parallel, dtype_bytes)
     h_split = tp if (req.sequence_parallel and tp > 1) else 1
     layer_input = dtype_bytes * tokens * m.hidden_size / h_split
-    one_layer = per_layer_token * tokens
+    one_layer = layer_activation_bytes(m, tp, req.sequence_parallel, dtype_bytes, tokens, req.seq_len)
     state_bytes = {"rmsprop": 4, "adamw": 8}[req.optimizer]
     for stage, layers in enumerate(stage_layers(m.num_layers, pp)):
         params = stage_params(m, tp, pp, stage)
+        norms = stage_norm_params(m, pp, stage)
         in_flight = min(pp - stage, micro)
         shard = dp if sharded else 1
         activations = in_flight * (layers * one_layer + layer_input)
@@ -205,8 +222,8 @@ def plan_layout(req: PlanRequest, tp: int, pp: int) -> LayoutPlan:
             else:
                 logprobs = 6 * tokens * vocab_shard
         layout.stages.append(StageMemory(
-            stage=stage, layers=layers, params=params, weights=dtype_bytes * params, grads=4 * params,
-            main_params=(4 * params // shard) if req.dtype == "bf16" else 0,
+            stage=stage, layers=layers, params=params, weights=dtype_bytes * (params - norms) + NORM_BYTES * norms,
+            grads=4 * params, main_params=(4 * (params - norms) // shard) if req.dtype == "bf16" else 0,
             optimizer_state=state_bytes * params // shard,
             activations=int(activations), activations_recompute=int(recomputed), opponent=int(opponent),
             logprobs=int(logprobs),

@@ -17,7 +17,7 @@ def _bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def saved_activation_bytes(trainer, batch_tokens: int) -> int:
+def saved_activation_bytes(trainer, batch: int, seq_len: int) -> int:
     """Bytes of the tensors the first transformer layer saves for backward in one forward pass (each
     storage counted once, parameters excluded)."""
     import torch
@@ -37,8 +37,8 @@ def saved_activation_bytes(trainer, batch_tokens: int) -> int:
     layer = policy.decoder.layers[0]
     layer.register_forward_pre_hook(lambda *a: active.__setitem__(0, True))
     layer.register_forward_hook(lambda *a: active.__setitem__(0, False))
-    ids = torch.randint(0, 64, (1, batch_tokens))
-    positions = torch.arange(batch_tokens).unsqueeze(0)
+    ids = torch.randint(0, 64, (batch, seq_len))
+    positions = torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = policy(ids, positions, None)
     del out
@@ -78,8 +78,8 @@ def main(spec_path: str, out_path: str) -> None:
             # The step counters are scalars; the state that scales with the model is the rest.
             state += sum(_bytes(v) for v in per_param.values() if torch.is_tensor(v) and v.numel() > 1)
     record.update(main_params=main_params, optimizer_state=state)
-    if spec.get("activation_tokens") and parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        record["layer_activation_bytes"] = saved_activation_bytes(trainer, spec["activation_tokens"])
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        record["layer_activation_bytes"] = saved_activation_bytes(trainer, *spec["activation_shape"])
     records = [None] * dist.get_world_size()
     dist.all_gather_object(records, record)
     if dist.get_rank() == 0:
