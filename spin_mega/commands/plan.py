@@ -72,6 +72,12 @@ def run(args) -> int:
         f"{' (sharded over DP)' if req.distributed_optimizer and args.optimizer == 'adamw' else ' (replicated on every DP rank)'}, "
         f"opponent {args.opponent}, log-probs {args.logprobs}"
     )
+    if args.opponent == "precompute":
+        print("opponent: precomputed once before training, a table of 2 float64 per pair (16 B; 0.8 MB for 50k pairs) "
+              "on the host and in the work directory; nothing on the GPU while training")
+    else:
+        print("opponent: a frozen copy of each stage's weights beside the policy (the 'oppon' column), one more "
+              "forward per step")
     print("GiB per GPU on the fullest pipeline stage (act: activations kept for backward; +rc: with full recomputation)")
     header = (f"{'TP':>3} {'PP':>3} {'DP':>3} {'m':>4} {'bubble':>7} {'params':>8} {'weights':>7} {'grads':>6} "
               f"{'main':>6} {'optim':>6} {'act':>6} {'act+rc':>6} {'oppon':>6} {'logp':>6} {'total':>6} {'+rc':>6} "
