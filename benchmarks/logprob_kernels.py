@@ -399,6 +399,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CPU runs: intra-op threads (default 1: on a shared box, spinning OpenMP workers "
                         "waiting on a descheduled peer inflate timings tenfold)")
     parser.add_argument("--peak-bw-tbs", type=float, default=None, help="HBM bandwidth in TB/s for the roofline")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="N values (default: the device's set)")
+    parser.add_argument("--vocabs", type=int, nargs="+", default=None, help="V values (default: the device's set)")
+    parser.add_argument("--fused-shapes", nargs="*", default=None, metavar="NxV",
+                        help="fused-linear shapes as NxV (default: the device's set; none: skip the section)")
+    parser.add_argument("--hidden", type=int, default=None, help="fused-linear hidden size H")
+    parser.add_argument("--sections", nargs="+", choices=("logprobs", "fused_linear"), default=("logprobs", "fused_linear"))
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled baseline (aot_eager traces without code generation)")
+    parser.add_argument("--json", type=Path, default=None, help="write the JSON here instead of --out/logprob_kernels_<device>.json")
+    parser.add_argument("--no-plot", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -437,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "spin_mega_inplace_bwd": lambda x, y: token_logprobs(x, y, inplace_backward=True),
     }
     if not args.no_compile:
-        impls["torch_compile"] = torch.compile(eager_token_logprobs)
+        impls["torch_compile"] = torch.compile(eager_token_logprobs, backend=args.compile_backend)
     if liger_ce is not None:
         impls["liger_ce"] = liger_ce
 
@@ -456,14 +466,17 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens, vocabs = (GPU_TOKENS, GPU_VOCABS) if want_cuda else (CPU_TOKENS, CPU_VOCABS[:1] if args.interpret else CPU_VOCABS)
     fused_shapes, hidden = (GPU_FUSED_SHAPES, GPU_HIDDEN) if want_cuda else (CPU_FUSED_SHAPES, CPU_HIDDEN)
+    tokens, vocabs, hidden = args.tokens or tokens, args.vocabs or vocabs, args.hidden or hidden
+    if args.fused_shapes is not None:
+        fused_shapes = tuple(tuple(int(x) for x in shape.lower().split("x")) for shape in args.fused_shapes)
     started = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     results: list[Measurement] = []
-    for v in vocabs:
-        for n in tokens:
-            results += bench_logprobs(clock, device, n, v, impls, peak_bw)
-    for n, v in fused_shapes:
-        results += bench_fused_linear(clock, device, n, v, hidden, fused_impls)
+    work = []
+    if "logprobs" in args.sections:
+        work += [lambda n=n, v=v: bench_logprobs(clock, device, n, v, impls, peak_bw) for v in vocabs for n in tokens]
+    if "fused_linear" in args.sections:
+        work += [lambda n=n, v=v: bench_fused_linear(clock, device, n, v, hidden, fused_impls) for n, v in fused_shapes]
 
     notes = [
         "bytes model: forward 2NV, backward 4NV, forward+backward 6NV bytes of bf16 logits (spin_mega computes "
@@ -484,30 +497,36 @@ def main(argv: list[str] | None = None) -> int:
         )
     if liger_note:
         notes.append(liger_note)
-    report = {
-        "benchmark": "logprob_kernels",
-        "device": device_info,
-        "versions": _versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "spin_mega_path": ours,
-        "timing": f"{'CUDA events' if want_cuda else 'time.perf_counter'}, median of {repeats} after {warmup} warm-up",
-        "dtype": "bfloat16",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        # Other jobs share the CPU box; a load above its core count makes CPU timings noisy.
-        "host_load_average_1m": {"start": load_start, "end": os.getloadavg()[0]} if hasattr(os, "getloadavg") else None,
-        "notes": notes,
-        "results": [asdict(m) for m in results],
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
+    def report() -> dict:
+        return {
+            "benchmark": "logprob_kernels",
+            "device": device_info,
+            "versions": _versions(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "spin_mega_path": ours,
+            "timing": f"{'CUDA events' if want_cuda else 'time.perf_counter'}, median of {repeats} after {warmup} warm-up",
+            "dtype": "bfloat16",
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            # Other jobs share the CPU box; a load above its core count makes CPU timings noisy.
+            "host_load_average_1m": {"start": load_start, "end": os.getloadavg()[0]} if hasattr(os, "getloadavg") else None,
+            "notes": notes,
+            "results": [asdict(m) for m in results],
+        }
+
     if args.interpret:
         slug += "-triton-interpreter"
-    json_path = args.out / f"logprob_kernels_{slug}.json"
-    png_path = args.out / f"logprob_kernels_{slug}.png"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(json_path)
-    _plot(results, f"spin_mega log-prob kernels on {device_info['name']} (spin_mega path: {ours})", png_path, gpu=want_cuda)
-    print(f"wrote {json_path} and {png_path} in {report['wall_seconds']} s", flush=True)
+    json_path = args.json or args.out / f"logprob_kernels_{slug}.json"
+    png_path = json_path.with_suffix(".png")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    # Rewritten after every shape, so a run stopped by a timeout keeps the shapes it finished.
+    for shape in work:
+        results += shape()
+        tmp = json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report(), indent=2) + "\n")
+        tmp.replace(json_path)
+    if not args.no_plot:
+        _plot(results, f"spin_mega log-prob kernels on {device_info['name']} (spin_mega path: {ours})", png_path, gpu=want_cuda)
+    print(f"wrote {json_path} in {time.perf_counter() - started:.1f} s", flush=True)
     return 0
 
 

@@ -5,6 +5,9 @@
 
 Each mode runs `spin-mega train` (the product path: Megatron-core, the data pipeline, the optimizer) on
 synthetic pairs of fixed length; the first steps are warm-up and dropped, the median of the rest is kept.
+The model is initialised at random in memory (no start checkpoint) and nothing is saved
+(train.save_checkpoints=false): a 1B model's checkpoint with optimizer state would be ~15 GB of writes.
+With --seq-len every sequence (prompt + response) is exactly that many tokens.
 
 FLOPs per step (MFU): with F = forward FLOPs per token = 2 * (non-embedding params + hidden * vocab)
 + 2 * layers * seq_len * hidden (causal attention), a step costs 3F per token for the policy's forward and
@@ -114,10 +117,21 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--response-words", type=int, default=48)
     parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="every sequence exactly this many tokens (a quarter prompt); overrides the word counts")
+    parser.add_argument("--modes", nargs="+", choices=("precompute", "fused"), default=("precompute", "fused"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--json", type=Path, default=None, help="write the JSON here instead of --out/train_step_<shape>_<cpu|gpu>.json")
     args = parser.parse_args()
+    max_prompt, max_length = 512, 2048
+    if args.seq_len is not None:
+        # More words than tokens allowed: truncation (prompt kept at its end, response cut) makes every
+        # sequence exactly seq_len tokens, so there is no padding and the FLOPs per step are known.
+        max_prompt, max_length = args.seq_len // 4, args.seq_len
+        args.prompt_words, args.response_words = args.seq_len, args.seq_len
 
     from spin_mega.demo.build import build_tokenizer
+    from spin_mega.training.telemetry import peak_flops_per_gpu
 
     gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {psutil.cpu_count()} cores)"
@@ -127,21 +141,16 @@ def main() -> None:
         pairs = root / "pairs.jsonl"
         _write_pairs(pairs, args.global_batch * (args.steps + 1), args.prompt_words, args.response_words)
         shape = SHAPES[args.shape]
-        start = root / "start"
-        subprocess.run(
-            [sys.executable, "-m", "spin_mega.models.init", "--model", json.dumps(shape), "--out", str(start),
-             "--tokenizer", str(tokenizer), "--dtype", "bfloat16" if gpu else "float32"],
-            check=True, capture_output=True,
-        )
         config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
-        config["start_model"] = str(start)
-        config["data"].update(train_path=str(pairs), max_prompt_length=512, max_length=2048)
+        config["start_model"] = None
+        config["model"] = dict(shape)
+        config["data"].update(train_path=str(pairs), tokenizer=str(tokenizer), max_prompt_length=max_prompt, max_length=max_length)
         config["train"].update(micro_batch_size=args.micro_batch, global_batch_size=args.global_batch, epochs=1,
-                               precision="bf16" if gpu else "fp32", length_buckets=1)
+                               precision="bf16" if gpu else "fp32", length_buckets=1, save_checkpoints=False)
         config["optim"].update(lr=1e-6, warmup_ratio=0.0)
         config_path = root / "bench.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        results = {mode: run_mode(root, config_path, mode, args.steps, args.nproc) for mode in ("precompute", "fused")}
+        results = {mode: run_mode(root, config_path, mode, args.steps, args.nproc) for mode in args.modes}
 
     record = {
         "benchmark": "spin_train_step",
@@ -154,9 +163,13 @@ def main() -> None:
         "micro_batch_pairs": args.micro_batch,
         "global_batch_pairs": args.global_batch,
         "sequence_words": {"prompt": args.prompt_words, "response": args.response_words},
+        "seq_len": args.seq_len,
+        "peak_bf16_flops": peak_flops_per_gpu(),
         "nproc": args.nproc,
         "results": results,
-        "fused_over_precompute_step_time": results["fused"]["step_time_s"] / results["precompute"]["step_time_s"],
+        "fused_over_precompute_step_time": (
+            results["fused"]["step_time_s"] / results["precompute"]["step_time_s"] if len(results) == 2 else None
+        ),
         "flop_formula": "per token F = 2*(non-embedding params + hidden*vocab) + 2*layers*seq*hidden; step = (3F [policy fwd+bwd] + F [opponent fwd, fused only]) * tokens",
     }
     try:
@@ -165,9 +178,9 @@ def main() -> None:
         record["versions"]["megatron_core"] = megatron.core.__version__
     except ImportError:
         pass
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"train_step_{args.shape}_{'gpu' if gpu else 'cpu'}.json"
-    (args.out / name).write_text(json.dumps(record, indent=2) + "\n")
+    path = args.json or args.out / f"train_step_{args.shape}_{'gpu' if gpu else 'cpu'}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
 

@@ -111,6 +111,9 @@ class TrainConfig:
     log_interval: int = 1
     length_buckets: int = 8  # micro-batches are drawn from pairs of similar length to cut padding
     recompute_activations: bool = False
+    # False: no checkpoint at all, not even the final one (benchmarks time steps of models too big to save
+    # casually); a preemption signal still saves, since that is what the signal asks for.
+    save_checkpoints: bool = True
 
 
 @dataclass

@@ -469,9 +469,10 @@ class Trainer:
                         atomic_write_json(self.workdir / PREEMPTED_MARKER, {"step": done, "time": time.time()})
                     _log(f"stopped by a signal after step {done}; checkpoint saved, re-run the same command to resume")
                     return EXIT_PREEMPTED
-                if save_due:
+                if save_due and cfg.train.save_checkpoints:
                     self._save(done)
-            self._save(self.total_steps)
+            if cfg.train.save_checkpoints:
+                self._save(self.total_steps)
             if dist.get_rank() == 0:
                 atomic_write_json(
                     self.workdir / "train_summary.json",

@@ -225,3 +225,11 @@ def test_training_starts_from_an_hf_model_directory(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (workdir / "start_mcore" / "spin_mega_model.json").is_file()
     assert abs(read_metrics(workdir)[0]["loss"] - LN2) < 1e-6
+
+
+def test_save_checkpoints_false_trains_without_writing_any(tiny_run, tmp_path):
+    """Benchmarks time steps of models whose checkpoints would be many GB: with the switch off, steps run
+    and are logged, and no checkpoint (interval or final) is written."""
+    metrics = _train(tiny_run, tmp_path / "w", "--set", "train.save_checkpoints=false", "--set", "train.save_interval=1")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert not (tmp_path / "w" / "checkpoints").exists()

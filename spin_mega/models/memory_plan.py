@@ -1,0 +1,317 @@
+"""Per-GPU memory of a SPIN training layout (TP x PP x DP), and the fastest layout that fits.
+
+Pure arithmetic over the model's shape, counted the way the trainer allocates (`spin-mega plan` prints it;
+tests compare it with the bytes of the live Megatron model, DDP buffers and optimizer state):
+
+* parameters of a pipeline stage: its layers' weights, TP-sharded except the two RMSNorm weights per
+  layer; the embedding [V_padded / TP, h] on the first stage; the final norm and the output layer on the
+  last (with tied embeddings and PP > 1 the last stage holds its own copy, as Megatron does);
+* model weights in the training dtype (2 bytes bf16, 4 fp32), except the RMSNorm weights: Megatron's
+  torch norm (used without Transformer Engine) creates them in fp32 whatever the model's dtype, so they
+  need no fp32 main copy;
+* gradients: Megatron DDP's fp32 buffer (grad_reduce_in_fp32), 4 bytes per parameter, never sharded;
+* fp32 main parameters (bf16 training only) and optimizer state (RMSProp 4 bytes: square average; AdamW 8:
+  both moments), divided by DP when the distributed optimizer shards them (spin-mega uses it for AdamW);
+* activations kept for backward, per token per layer: the storages Megatron's local layer (the layer used
+  without Transformer Engine) saves, as read from a live layer on CPU (tests/training/test_memory_plan.py):
+  each RMSNorm's input and normalised output (4 h, in fp32: the norm computes in its weight's dtype) and
+  each linear block's input (2 h), split over TP by sequence parallelism; the fused QKV output (kept alive by the V view), q and k after RoPE and the attention output
+  ((3 q + 3 kv) head_dim / TP); the SwiGLU MLP's fc1 output and three ffn-sized intermediates (5 ffn / TP);
+  RoPE's cos and sin for q and k (4 head_dim per position). Fused (flash / SDPA) attention: no [s, s]
+  scores. Under 1F1B, stage i holds min(PP - i, m) micro-batches in flight. Full recomputation keeps each
+  layer's input plus one layer's activations being recomputed;
+* the opponent: `fused` keeps a frozen copy of the stage's weights (and its rows travel with the policy's
+  through the pipeline); `precompute` keeps two floats per pair on the host, nothing on the GPU;
+* the log-prob head (last stage, one micro-batch at a time): the fused-linear path holds one vocabulary
+  chunk of logits (about as large as the hidden states), the unfused path the micro-batch's full logits
+  shard (bf16 logits kept for backward plus an fp32 working copy: 6 bytes per element);
+* a fixed allowance for NCCL buffers, the CUDA context and allocator slack (3 GiB).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from spin_mega.config import ModelConfig
+from spin_mega.errors import ConfigError
+
+GIB = 2**30
+VOCAB_DIVISIBLE_BY = 128  # as spin_mega.models.gpt (kept torch-free here so planning needs no torch import)
+OVERHEAD_BYTES = 3 * GIB
+NORM_BYTES = 4  # RMSNorm weights and the tensors the norm saves are fp32 (see above)
+# The fused-linear kernel's chunk of logits holds about max(N * H, 2**24) elements (kernels/fused_linear.py).
+FUSED_CHUNK_MIN_ELEMENTS = 1 << 24
+# The cost model that ranks the layouts that fit: estimated seconds per optimizer step =
+#   model FLOPs / (GPUs x nominal peak x ASSUMED_MFU)            compute, spread over every GPU
+#   x 1 / (1 - pipeline bubble)                                  1F1B: (PP - 1) / (m + PP - 1) idle
+#   x (1 + TP_COST_PER_DOUBLING x log2 TP)                       tensor-parallel collectives (NVLink)
+#   x 4/3 with full recomputation                                one more forward per forward + backward
+#   + 2 (DP - 1) / DP x 4 bytes x stage parameters / bandwidth   the fp32 gradient all-reduce, not overlapped
+#                                                                (NVLink inside a node, the network across)
+# All four constants are assumptions, stated so that measured figures (benchmarks/gpu) can replace them.
+ASSUMED_MFU = 0.4
+TP_COST_PER_DOUBLING = 0.04
+NVLINK_BYTES_PER_S = 300e9
+NETWORK_BYTES_PER_S = 50e9  # one 400 Gb/s InfiniBand rail per GPU
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    model: ModelConfig
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 79.6  # an "80 GB" H100/A100: 81,559 MiB
+    seq_len: int = 2048  # prompt + response, per sequence
+    micro_batch: int = 1  # pairs per micro-batch per data-parallel rank
+    global_batch: int = 64  # pairs per optimizer step
+    opponent: Literal["precompute", "fused"] = "precompute"
+    optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
+    distributed_optimizer: bool = True
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    logprobs: Literal["fused_linear", "full_logits"] = "fused_linear"
+    sequence_parallel: bool = True  # at TP > 1 (the config's default; Megatron's torch norm needs TE for it)
+    tensor_parallel: Optional[int] = None  # None: every candidate
+    pipeline_parallel: Optional[int] = None
+    peak_tflops: float = 989.0  # nominal dense bf16 peak per GPU (H100 / H200 SXM)
+
+
+@dataclass
+class StageMemory:
+    """Bytes on one GPU of one pipeline stage."""
+
+    stage: int
+    layers: int
+    params: int
+    weights: int
+    grads: int
+    main_params: int
+    optimizer_state: int
+    activations: int  # without recomputation
+    activations_recompute: int  # with full recomputation
+    opponent: int
+    logprobs: int
+    overhead: int = OVERHEAD_BYTES
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.grads + self.main_params + self.optimizer_state + self.opponent + self.overhead
+
+    @property
+    def total(self) -> int:
+        return self.static + self.activations + self.logprobs
+
+    @property
+    def total_recompute(self) -> int:
+        return self.static + self.activations_recompute + self.logprobs
+
+
+@dataclass
+class LayoutPlan:
+    tp: int
+    pp: int
+    dp: int
+    microbatches: int
+    bubble: float
+    optimizer_sharded: bool
+    stages: list[StageMemory] = field(default_factory=list)
+    fits: bool = False
+    recompute: bool = False  # the layout fits only with activation recomputation
+    step_seconds: float = math.inf  # the cost model's estimate (see the constants above)
+
+    @property
+    def peak(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total_recompute if self.recompute else s.total)
+
+    def peak_bytes(self, recompute: bool) -> int:
+        return max(s.total_recompute if recompute else s.total for s in self.stages)
+
+
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    multiple = VOCAB_DIVISIBLE_BY * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def layer_params(m: ModelConfig, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank."""
+    qkv_out = (m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim
+    sharded = m.hidden_size * qkv_out + m.num_attention_heads * m.head_dim * m.hidden_size
+    sharded += m.hidden_size * 2 * m.ffn_hidden_size + m.ffn_hidden_size * m.hidden_size
+    if m.qkv_bias:
+        sharded += qkv_out
+    return sharded // tp + 2 * m.hidden_size  # two RMSNorm weights, replicated over TP
+
+
+def total_params(m: ModelConfig) -> int:
+    """The model's parameters (unpadded vocabulary), as model cards count them."""
+    embeddings = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+    return m.num_layers * layer_params(m, 1) + embeddings + m.hidden_size
+
+
+def stage_layers(num_layers: int, pp: int) -> list[int]:
+    """Layers per stage: even splits (the trainer requires PP to divide the layer count)."""
+    return [num_layers // pp] * pp
+
+
+def stage_norm_params(m: ModelConfig, pp: int, stage: int) -> int:
+    """RMSNorm weights of a stage: two per layer, and the final norm on the last stage."""
+    return 2 * m.hidden_size * stage_layers(m.num_layers, pp)[stage] + (m.hidden_size if stage == pp - 1 else 0)
+
+
+def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
+    n = stage_layers(m.num_layers, pp)[stage] * layer_params(m, tp)
+    embedding = padded_vocab(m.vocab_size, tp) // tp * m.hidden_size
+    if stage == 0:
+        n += embedding
+    if stage == pp - 1:
+        n += m.hidden_size  # final norm
+        if not (m.tie_word_embeddings and pp == 1):
+            n += embedding
+    return n
+
+
+def layer_activation_bytes(
+    m: ModelConfig, tp: int, sequence_parallel: bool, dtype_bytes: int, tokens: int, seq_len: int
+) -> float:
+    """Bytes one transformer layer keeps for backward for a micro-batch of `tokens` tokens in sequences
+    of `seq_len` (see the module docstring for the list of tensors)."""
+    h_split = tp if (sequence_parallel and tp > 1) else 1
+    hidden_bytes = (4 * NORM_BYTES + 2 * dtype_bytes) * m.hidden_size / h_split
+    attention = (3 * m.num_attention_heads + 3 * m.num_query_groups) * m.head_dim
+    inner = (attention + 5 * m.ffn_hidden_size) / tp
+    rope = 4 * m.head_dim * seq_len  # per position, shared by the micro-batch's sequences
+    return (hidden_bytes + dtype_bytes * inner) * tokens + dtype_bytes * rope
+
+
+def bubble_fraction(pp: int, microbatches: int) -> float:
+    return (pp - 1) / (microbatches + pp - 1)
+
+
+def plan_layout(req: PlanRequest, tp: int, pp: int) -> LayoutPlan:
+    m = req.model
+    world = req.nodes * req.gpus_per_node
+    dp = world // (tp * pp)
+    micro = req.global_batch // (req.micro_batch * dp)
+    dtype_bytes = 2 if req.dtype == "bf16" else 4
+    sharded = req.distributed_optimizer and req.optimizer == "adamw"
+    layout = LayoutPlan(tp, pp, dp, micro, bubble_fraction(pp, micro), sharded)
+    tokens = 2 * req.micro_batch * req.seq_len  # chosen + rejected
+    h_split = tp if (req.sequence_parallel and tp > 1) else 1
+    layer_input = dtype_bytes * tokens * m.hidden_size / h_split
+    one_layer = layer_activation_bytes(m, tp, req.sequence_parallel, dtype_bytes, tokens, req.seq_len)
+    state_bytes = {"rmsprop": 4, "adamw": 8}[req.optimizer]
+    for stage, layers in enumerate(stage_layers(m.num_layers, pp)):
+        params = stage_params(m, tp, pp, stage)
+        norms = stage_norm_params(m, pp, stage)
+        in_flight = min(pp - stage, micro)
+        shard = dp if sharded else 1
+        activations = in_flight * (layers * one_layer + layer_input)
+        recomputed = in_flight * (layers + 1) * layer_input + one_layer
+        opponent = 0
+        if req.opponent == "fused":
+            # A frozen copy of the stage; its rows ride along in the pipeline's in-flight tensors and its
+            # no-grad forward holds about one layer's activations at a time.
+            opponent = dtype_bytes * params + in_flight * layer_input + one_layer
+        logprobs = 0
+        if stage == pp - 1:
+            vocab_shard = padded_vocab(m.vocab_size, tp) // tp
+            if req.logprobs == "fused_linear":
+                chunk = max(tokens * m.hidden_size, FUSED_CHUNK_MIN_ELEMENTS)
+                logprobs = dtype_bytes * tokens * m.hidden_size + (dtype_bytes + 4) * min(chunk, tokens * vocab_shard)
+            else:
+                logprobs = 6 * tokens * vocab_shard
+        layout.stages.append(StageMemory(
+            stage=stage, layers=layers, params=params, weights=dtype_bytes * (params - norms) + NORM_BYTES * norms,
+            grads=4 * params, main_params=(4 * (params - norms) // shard) if req.dtype == "bf16" else 0,
+            optimizer_state=state_bytes * params // shard,
+            activations=int(activations), activations_recompute=int(recomputed), opponent=int(opponent),
+            logprobs=int(logprobs),
+        ))
+    budget = req.gpu_memory_gib * GIB
+    if layout.peak_bytes(False) <= budget:
+        layout.fits = True
+    elif layout.peak_bytes(True) <= budget:
+        layout.fits, layout.recompute = True, True
+    layout.step_seconds = estimated_step_seconds(req, layout)
+    return layout
+
+
+def model_flops_per_step(req: PlanRequest) -> float:
+    """Policy forward + backward (3 forwards) on chosen and rejected, plus the fused opponent's forward."""
+    m = req.model
+    non_embedding = m.num_layers * layer_params(m, 1)
+    per_token = 2.0 * (non_embedding + m.hidden_size * m.vocab_size) + 2.0 * m.num_layers * req.seq_len * m.hidden_size
+    tokens = 2 * req.global_batch * req.seq_len
+    return (3.0 + (1.0 if req.opponent == "fused" else 0.0)) * per_token * tokens
+
+
+def estimated_step_seconds(req: PlanRequest, layout: LayoutPlan) -> float:
+    world = req.nodes * req.gpus_per_node
+    compute = model_flops_per_step(req) / (world * req.peak_tflops * 1e12 * ASSUMED_MFU)
+    compute *= (1.0 / (1.0 - layout.bubble)) * (1.0 + TP_COST_PER_DOUBLING * math.log2(layout.tp))
+    if layout.recompute:
+        compute *= 4.0 / 3.0
+    # Megatron orders ranks TP fastest, then DP: a DP group leaves the node once TP x DP exceeds it.
+    bandwidth = NVLINK_BYTES_PER_S if layout.tp * layout.dp <= req.gpus_per_node else NETWORK_BYTES_PER_S
+    params = max(s.params for s in layout.stages)
+    all_reduce = 2.0 * (layout.dp - 1) / layout.dp * 4 * params / bandwidth
+    return compute + all_reduce
+
+
+def check_layout(m: ModelConfig, tp: int, pp: int, world: Optional[int] = None) -> None:
+    """One sentence naming the broken constraint, before anything is built."""
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"tensor and pipeline parallel sizes must be at least 1 (got TP {tp}, PP {pp})")
+    if m.num_attention_heads % tp or m.num_query_groups % tp:
+        raise ConfigError(
+            f"tensor parallel {tp} must divide the attention heads ({m.num_attention_heads}) and the key/value "
+            f"groups ({m.num_query_groups})"
+        )
+    if pp > m.num_layers:
+        raise ConfigError(f"pipeline parallel {pp} exceeds the {m.num_layers} layers: a stage would have no layers")
+    if m.num_layers % pp:
+        raise ConfigError(f"pipeline parallel {pp} must divide the number of layers ({m.num_layers})")
+    if world is not None and world % (tp * pp):
+        raise ConfigError(f"TP {tp} x PP {pp} does not divide the {world} GPUs")
+
+
+def candidate_layouts(req: PlanRequest) -> list[tuple[int, int]]:
+    """TP within one node (tensor-parallel collectives stay on NVLink), PP dividing the layers, TP x PP
+    dividing the GPUs, and the global batch splitting into whole micro-batches over DP."""
+    m = req.model
+    world = req.nodes * req.gpus_per_node
+    for name, value in (("--tp", req.tensor_parallel), ("--pp", req.pipeline_parallel)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if req.tensor_parallel is not None or req.pipeline_parallel is not None:
+        check_layout(m, req.tensor_parallel or 1, req.pipeline_parallel or 1, world)
+    tps = [req.tensor_parallel] if req.tensor_parallel else [t for t in range(1, req.gpus_per_node + 1)]
+    pps = [req.pipeline_parallel] if req.pipeline_parallel else list(range(1, m.num_layers + 1))
+    out = []
+    for tp in tps:
+        if m.num_attention_heads % tp or m.num_query_groups % tp or req.gpus_per_node % tp:
+            continue
+        for pp in pps:
+            if m.num_layers % pp or world % (tp * pp):
+                continue
+            dp = world // (tp * pp)
+            if req.global_batch % (req.micro_batch * dp):
+                continue
+            out.append((tp, pp))
+    return out
+
+
+def plan(req: PlanRequest) -> tuple[list[LayoutPlan], Optional[LayoutPlan]]:
+    """Every candidate layout, and the fastest that fits (None when none does)."""
+    if req.seq_len < 2 or req.micro_batch < 1 or req.global_batch < 1 or req.nodes < 1 or req.gpus_per_node < 1:
+        raise ConfigError("sequence length, micro-batch, global batch, nodes and GPUs per node must be positive")
+    layouts = [plan_layout(req, tp, pp) for tp, pp in candidate_layouts(req)]
+    if not layouts:
+        raise ConfigError(
+            f"no layout of {req.nodes} x {req.gpus_per_node} GPUs splits a global batch of {req.global_batch} pairs "
+            f"into micro-batches of {req.micro_batch} with TP dividing the heads and PP dividing the layers"
+        )
+    fitting = [l for l in layouts if l.fits]
+    best = min(fitting, key=lambda l: (l.step_seconds, l.tp, l.pp)) if fitting else None
+    return layouts, best

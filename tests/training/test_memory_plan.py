@@ -1,0 +1,198 @@
+"""`spin-mega plan`: its arithmetic against the bytes the trainer really allocates (live Megatron model,
+DDP gradient buffers, fp32 main parameters, optimizer state) at several layouts, against the 7B and 70B
+cases worked in launch/README.md, and its refusals of impossible layouts."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spin_mega.config import ModelConfig
+from spin_mega.models import memory_plan as mp
+from spin_mega.parallel.distributed import free_port
+from tests.support import REPO, TINY_MODEL, build_tokenizer, spin_mega, write_pairs
+
+GIB = 2**30
+WORKER = Path(__file__).with_name("memory_plan_worker.py")
+ACTIVATION_SHAPE = (2, 48)  # sequences x tokens: tells per-token from per-position tensors
+
+# (name, ranks, config overrides, planner request fields): TP 1 with DP 2 in fp32 (no main weights),
+# TP 2 in bf16 with AdamW, PP 2 in bf16 with RMSProp and tied embeddings (the last stage's own copy).
+LAYOUTS = {
+    "tp1_dp2_fp32_rmsprop": (2, ["train.precision=fp32", "optim.optimizer=rmsprop"],
+                             dict(dtype="fp32", optimizer="rmsprop")),
+    "tp2_bf16_adamw": (2, ["parallel.tensor_parallel=2", "train.precision=bf16", "optim.optimizer=adamw"],
+                       dict(dtype="bf16", optimizer="adamw", tensor_parallel=2)),
+    "pp2_bf16_rmsprop_tied": (2, ["parallel.pipeline_parallel=2", "train.precision=bf16", "optim.optimizer=rmsprop",
+                                  "model.tie_word_embeddings=true"],
+                              dict(dtype="bf16", optimizer="rmsprop", pipeline_parallel=2, tied=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    root = tmp_path_factory.mktemp("memory_plan")
+    tokenizer = build_tokenizer(root / "tokenizer")
+    pairs = write_pairs(root / "pairs.jsonl", 16)
+    config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
+    config["model"] = dict(TINY_MODEL)
+    config["data"].update(train_path=str(pairs), tokenizer=str(tokenizer), max_prompt_length=64, max_length=128)
+    config["train"].update(micro_batch_size=1, global_batch_size=4, save_checkpoints=False)
+    config_path = root / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    results = {}
+    for name, (nproc, overrides, _) in LAYOUTS.items():
+        spec = root / f"{name}.json"
+        spec.write_text(json.dumps({
+            "config": str(config_path), "overrides": overrides, "workdir": str(root / name),
+            "activation_shape": ACTIVATION_SHAPE,
+        }))
+        out = root / f"{name}.out.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+             str(WORKER), str(spec), str(out)],
+            capture_output=True, text=True, timeout=900, cwd=REPO,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[name] = json.loads(out.read_text())
+    return results
+
+
+def _request(fields: dict) -> mp.PlanRequest:
+    fields = dict(fields)
+    model = ModelConfig(**TINY_MODEL, tie_word_embeddings=fields.pop("tied", False))
+    # CPU: the trainer never shards optimizer state (Megatron's distributed optimizer needs NCCL).
+    return mp.PlanRequest(model=model, nodes=1, gpus_per_node=2, micro_batch=1, global_batch=4, seq_len=128,
+                          distributed_optimizer=False, **fields)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_planner_matches_live_allocations(measured, name):
+    fields = LAYOUTS[name][2]
+    req = _request(fields)
+    layout = mp.plan_layout(req, req.tensor_parallel or 1, req.pipeline_parallel or 1)
+    assert len(measured[name]) == 2
+    for rank in measured[name]:
+        stage = layout.stages[rank["stage"]]
+        assert rank["params"] == stage.params, (name, rank)
+        for key in ("weights", "grads", "main_params", "optimizer_state"):
+            planned, live = getattr(stage, key), rank[key]
+            if planned == 0 or live == 0:
+                assert planned == live, (name, key, planned, live)
+            else:
+                assert abs(planned - live) / live <= 0.05, (name, key, planned, live)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, tp, dtype_bytes", [("tp1_dp2_fp32_rmsprop", 1, 4), ("tp2_bf16_adamw", 2, 2)])
+def test_activation_model_matches_the_tensors_a_layer_saves(measured, name, tp, dtype_bytes):
+    """The activation bytes the planner assumes for one layer, against the storages the real Megatron
+    layer saves for backward on CPU (SDPA attention; no sequence parallelism on CPU, so at TP 2 the
+    hidden-sized tensors are whole on every rank)."""
+    batch, seq_len = ACTIVATION_SHAPE
+    model = ModelConfig(**TINY_MODEL)
+    planned = mp.layer_activation_bytes(model, tp, False, dtype_bytes, batch * seq_len, seq_len)
+    for rank in measured[name]:
+        live = rank["layer_activation_bytes"]
+        # Left out by the planner: two fp32 scalars per token (the norms' rsqrt), the attention's log-sum-exp.
+        assert abs(planned - live) / live <= 0.02, (planned, live)
+
+
+# ------------------------------------------------------------------------------- launch/README.md's cases
+
+MISTRAL_7B = ModelConfig(vocab_size=32000, hidden_size=4096, ffn_hidden_size=14336, num_layers=32,
+                         num_attention_heads=32, num_query_groups=8, head_dim=128)
+LLAMA3_70B = ModelConfig(vocab_size=128256, hidden_size=8192, ffn_hidden_size=28672, num_layers=80,
+                         num_attention_heads=64, num_query_groups=8, head_dim=128)
+
+
+def _states_gib(stage: mp.StageMemory) -> float:
+    return (stage.weights + stage.grads + stage.main_params + stage.optimizer_state) / GIB
+
+
+def test_readme_7b_case():
+    req = mp.PlanRequest(model=MISTRAL_7B, nodes=1, gpus_per_node=8)
+    assert mp.total_params(MISTRAL_7B) / 1e9 == pytest.approx(7.24, abs=0.005)
+    tp1 = mp.plan_layout(req, 1, 1).stages[0]
+    assert _states_gib(tp1) == pytest.approx(94.4, abs=0.1)  # 14 B per parameter: does not fit at TP 1
+    tp2 = mp.plan_layout(req, 2, 1)
+    assert _states_gib(tp2.stages[0]) == pytest.approx(47.2, abs=0.1)
+    assert tp2.stages[0].weights / GIB == pytest.approx(6.7, abs=0.05)
+    assert tp2.microbatches == 16
+    fused = mp.plan_layout(replace(req, opponent="fused"), 2, 1).stages[0]
+    # A frozen bf16 copy (6.7 GiB) plus its rows in flight and one layer of no-grad forward: ≈ 73 GiB in all.
+    assert 6.7 < fused.opponent / GIB < 7.3 and fused.total / GIB == pytest.approx(73.3, abs=0.1)
+    logits = mp.plan_layout(replace(req, logprobs="full_logits"), 2, 1).stages[0]
+    assert logits.logprobs / GIB == pytest.approx(0.37, abs=0.01)  # 16000 x 4096 x 6 B
+    adamw = mp.plan_layout(replace(req, optimizer="adamw"), 1, 1).stages[0]  # (6 + 12 / 8) B per parameter
+    assert _states_gib(adamw) == pytest.approx(50.6, abs=0.1)
+    # Activations at TP 2 with sequence parallelism (launch/README: 15.7 GiB), and the whole: 66 GiB.
+    assert tp2.stages[0].activations / GIB == pytest.approx(15.7, abs=0.05)
+    assert tp2.stages[0].total / GIB == pytest.approx(66.0, abs=0.1)
+    layouts, best = mp.plan(req)
+    assert not mp.plan_layout(req, 1, 1).fits
+    assert (best.tp, best.pp, best.dp) == (2, 1, 4) and not best.recompute
+
+
+def test_readme_70b_case():
+    req = mp.PlanRequest(model=LLAMA3_70B, nodes=4, gpus_per_node=8)
+    assert mp.total_params(LLAMA3_70B) / 1e9 == pytest.approx(70.55, abs=0.005)
+    layout = mp.plan_layout(req, 8, 4)
+    first, last = layout.stages[0], layout.stages[-1]
+    assert first.params / 1e9 == pytest.approx(2.27, abs=0.005)
+    assert _states_gib(first) == pytest.approx(29.6, abs=0.1)
+    assert layout.bubble == pytest.approx(3 / 67)
+    # 1F1B: the first stage holds PP micro-batches in flight, the last one.
+    assert first.activations == pytest.approx(4 * last.activations, rel=0.01)
+    assert first.activations / GIB == pytest.approx(19.5, abs=0.05) and first.total / GIB == pytest.approx(52.1, abs=0.1)
+    adam = mp.plan_layout(replace(req, optimizer="adamw"), 8, 4).stages[0]  # DP 1: nothing to shard
+    assert _states_gib(adam) == pytest.approx(38.1, abs=0.1)
+    assert mp.plan_layout(replace(req, opponent="fused"), 8, 4).stages[0].opponent / GIB > 4.2
+    tp8_pp2 = mp.plan_layout(req, 8, 2).stages[0]
+    assert tp8_pp2.params / 1e9 == pytest.approx(4.41, abs=0.005)
+    assert tp8_pp2.total / GIB == pytest.approx(80.0, abs=0.1)  # over 79.6 GiB: does not fit
+    assert not mp.plan_layout(req, 8, 2).fits or mp.plan_layout(req, 8, 2).recompute
+    _, best = mp.plan(req)
+    assert (best.tp, best.pp, best.dp) == (8, 4, 1)
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def llama70b_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama70b")
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "rope_theta": 500000.0,
+        "max_position_embeddings": 8192, "hidden_act": "silu", "tie_word_embeddings": False,
+    }))
+    return path
+
+
+def test_plan_command_prints_layouts_and_the_sbatch_line(llama70b_dir):
+    result = spin_mega("plan", "--model", str(llama70b_dir / "config.json"), "--nodes", "4", "--gpus-per-node", "8")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "70.55 B parameters" in out
+    assert "chosen: TP 8 x PP 4 x DP 1" in out
+    assert f"launch/train.sbatch CONFIG.yaml --workdir W --nodes 4 --gpus-per-node 8" in out
+    assert f"--tp 8 --pp 4 --set start_model={llama70b_dir}" in out
+    assert "<- chosen" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp", "16", "--gpus-per-node", "16"], "tensor parallel 16 must divide the attention heads (64) and the key/value groups (8)"),
+    (["--pp", "96", "--nodes", "12"], "pipeline parallel 96 exceeds the 80 layers"),
+    (["--tp", "8", "--pp", "3", "--nodes", "3"], "pipeline parallel 3 must divide the number of layers (80)"),
+])
+def test_plan_refuses_impossible_layouts_in_one_sentence(llama70b_dir, args, message):
+    result = spin_mega("plan", "--model", str(llama70b_dir), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
