@@ -276,9 +276,9 @@ class Trainer:
             opponent.eval()
         self.logprob_impl = resolve_impl(cfg.train.logprobs)
         module = PolicyOpponent(policy, opponent, self.model_cfg.vocab_size, self.logprob_impl)
-        # Overlapping the data-parallel gradient reduction with the backward needs NCCL's asynchronous
-        # collectives (on CPU, gloo's run on the same cores) and more than one data-parallel rank.
-        self.overlap_grad_reduce = torch.cuda.is_available() and parallel_state.get_data_parallel_world_size() > 1
+        self.overlap_grad_reduce = cfg.parallel.overlap_grad_reduce
+        if self.overlap_grad_reduce is None:
+            self.overlap_grad_reduce = torch.cuda.is_available() and parallel_state.get_data_parallel_world_size() > 1
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=self.overlap_grad_reduce,
