@@ -100,6 +100,9 @@ def run_mode(root: Path, config: Path, mode: str, steps: int, nproc: int) -> dic
         "padding_fraction": statistics.median(m["padding_fraction"] for m in timed),
         "peak_host_rss_gib": peak[0] / 2**30 if peak else None,
         "wall_s_including_startup": wall,
+        # The trainer's one-line account of which per-step savings were active (response rows only, host
+        # label checks, gradient-reduce overlap).
+        "performance_paths": next((l.split("performance paths: ", 1)[1] for l in stderr.splitlines() if "performance paths: " in l), None),
     }
     if "mfu" in timed[0]:
         result["mfu"] = statistics.median(m["mfu"] for m in timed)

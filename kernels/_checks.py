@@ -24,16 +24,21 @@ def resolve_vocab_size(vocab_size: int | None, total_columns: int) -> int:
     return vocab_size
 
 
-def check_labels(labels: torch.Tensor, batch_shape: torch.Size, vocab_size: int, ignore_index: int) -> torch.Tensor:
+def check_labels(
+    labels: torch.Tensor, batch_shape: torch.Size, vocab_size: int, ignore_index: int, range_check: bool = True
+) -> torch.Tensor:
     """Validate labels against `vocab_size` and return them as int64.
 
-    Costs one reduction and one host sync; the offending value is only fetched on the error path.
+    The range check costs one reduction and one device-to-host sync; `range_check=False` skips it for
+    callers that checked the labels once on the host (the trainer, once per batch).
     """
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.shape != batch_shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal the logits shape without its last dimension {tuple(batch_shape)}")
     labels = labels.long()
+    if not range_check:
+        return labels
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         example = int(labels[bad][0])

@@ -39,6 +39,16 @@ def _chunks(n_valid: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(c0, min(c0 + chunk_size, n_valid)) for c0 in range(0, n_valid, chunk_size)]
 
 
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for 16-bit a, b and a float32 acc, accumulated in float32 inside the GEMM (cuBLAS with
+    beta = 1 and a float32 output): no 16-bit [N, H] product is rounded, allocated and then added. CPU
+    kernels have no 16-bit-in, float32-out GEMM; there the operands are widened first (same result)."""
+    if acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
 class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -97,7 +107,7 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
                 torch.mm(grad_logits.T, hidden, out=grad_weight[c0:c1])
             if need_hidden:
                 if accumulate_fp32:
-                    grad_hidden += grad_logits @ w
+                    _addmm_fp32_(grad_hidden, grad_logits, w)
                 else:
                     grad_hidden.addmm_(grad_logits, w)
         if need_hidden:
@@ -117,6 +127,7 @@ def fused_linear_token_logprobs(
     group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
+    range_check: bool = True,
 ) -> torch.Tensor:
     """float32 [N] log p(label) under softmax(hidden @ weight.T), without materialising the logits.
 
@@ -133,6 +144,7 @@ def fused_linear_token_logprobs(
             never multiplied).
         chunk_size: vocabulary columns per chunk; default keeps a chunk's logits about the size of
             `hidden` (at least 2^24 elements).
+        range_check: False skips the per-call label range check (see `token_logprobs`).
 
     Memory: one [N, chunk] logits buffer at a time, plus a float32 [N, H] accumulator for d hidden in
     backward when the inputs are 16-bit. Compute: 1 matmul forward, 3 backward (the logits are recomputed).
@@ -145,7 +157,7 @@ def fused_linear_token_logprobs(
     if labels.device != hidden.device:
         raise ValueError(f"labels are on {labels.device} but hidden on {hidden.device}")
     total, offset, n_valid = shard_layout(weight.shape[0], group, vocab_size)
-    labels = check_labels(labels, hidden.shape[:1], total, ignore_index).contiguous()
+    labels = check_labels(labels, hidden.shape[:1], total, ignore_index, range_check).contiguous()
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0], hidden.shape[1], max(n_valid, 1))
     elif int(chunk_size) < 1:

@@ -58,6 +58,7 @@ def token_logprobs(
     *,
     vocab_size: int | None = None,
     inplace_backward: bool = False,
+    range_check: bool = True,
 ) -> torch.Tensor:
     """float32 log-probability of each label under softmax(logits), 0 where `label == ignore_index`.
 
@@ -75,6 +76,9 @@ def token_logprobs(
             an entropy term on the same logits), or are reused after `backward()`: they are overwritten
             by the gradient. If the logits are not a dense [N, V] view, a contiguous copy is made and the
             gradient goes there instead (still correct, nothing saved).
+        range_check: verify every label lies in [0, vocab_size) (one device-to-host sync per call).
+            Pass False only when the labels were checked already, e.g. once per batch on the host: an
+            out-of-range label then reads an arbitrary logit instead of raising.
 
     Returns:
         float32 tensor shaped like `labels`; every value is <= 0. Differentiable w.r.t. `logits`; the
@@ -94,7 +98,7 @@ def token_logprobs(
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
     vocab_size = resolve_vocab_size(vocab_size, logits.shape[-1])
-    labels = check_labels(labels, logits.shape[:-1], vocab_size, ignore_index)
+    labels = check_labels(labels, logits.shape[:-1], vocab_size, ignore_index, range_check)
     return TokenLogprobsFunction.apply(logits, labels, int(ignore_index), vocab_size, bool(inplace_backward))
 
 

@@ -116,6 +116,7 @@ def vocab_parallel_token_logprobs(
     *,
     vocab_size: int | None = None,
     ignore_index: int = -100,
+    range_check: bool = True,
 ) -> torch.Tensor:
     """float32 log p(label) per token, with logits sharded along the vocabulary over `group`.
 
@@ -125,10 +126,11 @@ def vocab_parallel_token_logprobs(
     last shard(s) and are excluded. Every rank returns the same values, equal to `token_logprobs` on the
     unsharded logits; the gradient each rank gets is its own shard's, computed without communication.
     Forward: one all-gather of 8 bytes per token. Collective call: every rank of `group` must call it.
+    `range_check=False` skips the per-call label range check (see `token_logprobs`).
     """
     check_logits(logits_shard, "logits_shard")
     if labels.device != logits_shard.device:
         raise ValueError(f"labels are on {labels.device} but logits_shard on {logits_shard.device}")
     total, offset, n_valid = shard_layout(logits_shard.shape[-1], group, vocab_size)
-    labels = check_labels(labels, logits_shard.shape[:-1], total, ignore_index)
+    labels = check_labels(labels, logits_shard.shape[:-1], total, ignore_index, range_check)
     return VocabParallelTokenLogprobsFunction.apply(logits_shard, labels, group, int(ignore_index), offset, n_valid)

@@ -56,6 +56,10 @@ class ParallelConfig:
     # Megatron's distributed optimizer shards optimizer state over data-parallel ranks (ZeRO-1). It
     # supports Adam-family optimizers only; with RMSProp the state is replicated (see optim.py).
     distributed_optimizer: bool = True
+    # Megatron's overlap of the data-parallel gradient reduction with the backward (bucketed, launched
+    # from the backward hooks of the last micro-batch). null: on with CUDA (NCCL) and DP > 1; on CPU,
+    # gloo's collectives share the cores with the backward, so there is nothing to overlap.
+    overlap_grad_reduce: Optional[bool] = None
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state
 
-from spin_mega.training.logprobs import sequence_logprobs
+from spin_mega.training.logprobs import check_label_range, response_rows, sequence_logprobs
 from spin_mega.training.loss import spin_loss
 
 
@@ -47,9 +47,12 @@ class PolicyOpponent(torch.nn.Module):
             tensor = tensor[0]
         self._input_tensor = tensor
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Non-last stages return hidden states [s, b', h]; the last stage returns per-sequence log-prob sums:
-        [2B] for the policy, followed by the opponent's [2B] in fused mode."""
+        [2B] for the policy, followed by the opponent's [2B] in fused mode. `rows`: the labelled positions
+        (`response_rows`), precomputed on the host."""
         last_stage = parallel_state.is_pipeline_last_stage()
         incoming = self._input_tensor
         opponent = self.opponent
@@ -61,14 +64,14 @@ class PolicyOpponent(torch.nn.Module):
             self.policy.set_input_tensor(incoming)
         policy_hidden = self.policy(input_ids, position_ids, None)
         if last_stage:
-            outputs = [sequence_logprobs(self.policy, policy_hidden, labels, self.vocab_size, self.logprob_impl)]
+            outputs = [sequence_logprobs(self.policy, policy_hidden, labels, self.vocab_size, self.logprob_impl, rows)]
         else:
             outputs = [policy_hidden]
         if opponent is not None:
             with torch.no_grad():
                 opponent_hidden = opponent(input_ids, position_ids, None)
                 if last_stage:
-                    opponent_hidden = sequence_logprobs(opponent, opponent_hidden, labels, self.vocab_size, self.logprob_impl)
+                    opponent_hidden = sequence_logprobs(opponent, opponent_hidden, labels, self.vocab_size, self.logprob_impl, rows)
             outputs.append(opponent_hidden)
         return torch.cat(outputs, dim=0 if last_stage else 1)
 
@@ -99,14 +102,24 @@ def _loss_func(batch: dict, beta: float, loss_type: str, fused: bool, output: to
 STAT_NAMES = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "pairs", "logp_chosen", "logp_rejected")
 
 
+def _host_label_rows(batch: dict, model) -> torch.Tensor:
+    """Check the batch's labels and find its labelled positions on the host copy, once per micro-batch:
+    the kernels then skip their per-call check, and the device never waits on the host for either."""
+    module = model if isinstance(model, PolicyOpponent) else model.module
+    check_label_range(batch["labels"], module.vocab_size)
+    return response_rows(batch["labels"])
+
+
 def make_forward_step(beta: float, loss_type: str, fused: bool) -> Callable:
     def forward_step(data_iterator, model: PolicyOpponent):
         batch = next(data_iterator)
         device = next(model.parameters()).device
+        rows = _host_label_rows(batch, model)
         output = model(
             batch["input_ids"].to(device, non_blocking=True),
             batch["position_ids"].to(device, non_blocking=True),
             batch["labels"].to(device, non_blocking=True),
+            rows.to(device, non_blocking=True),
         )
         return output, partial(_loss_func, batch, beta, loss_type, fused)
 
@@ -119,11 +132,8 @@ def make_logprob_step() -> Callable:
     def forward_step(data_iterator, model: PolicyOpponent):
         batch = next(data_iterator)
         device = next(model.parameters()).device
-        output = model(
-            batch["input_ids"].to(device),
-            batch["position_ids"].to(device),
-            batch["labels"].to(device),
-        )
+        rows = _host_label_rows(batch, model)
+        output = model(batch["input_ids"].to(device), batch["position_ids"].to(device), batch["labels"].to(device), rows.to(device))
 
         def collect(out):
             return torch.zeros((), device=out.device), {"logps": out.detach().float(), "index": batch["index"]}

@@ -27,45 +27,82 @@ def _reference_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_
     return reference_token_logprobs(full, labels, ignore_index=IGNORE_INDEX, vocab_size=vocab_size).float()
 
 
-def sequence_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int, impl: str) -> torch.Tensor:
+def response_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Indices into the [s * b] (sequence-major, as the model's [s, b, h] output flattens) positions that
+    carry a label. Computed from the host copy of the batch's labels [b, s], once per micro-batch, so that
+    selecting them costs the device no synchronisation."""
+    return (labels.t().reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def check_label_range(labels: torch.Tensor, vocab_size: int) -> None:
+    """The kernels' label check, done once per batch on the host copy instead of per call on the device
+    (where it costs a device-to-host synchronisation)."""
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must be in [0, {vocab_size}) or equal {IGNORE_INDEX}; found {int(bad.sum())} out-of-range, "
+            f"e.g. {int(labels[bad][0])}"
+        )
+
+
+def _response_hidden(model, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """hidden [s, b, h] (sequence-sharded under sequence parallelism) -> [n, h], the rows that carry a
+    label, identical on every tensor-parallel rank (the labels are). The output layer and the log-prob
+    kernel then see response tokens only: prompt and padding rows cost neither the output GEMM nor the
+    vocabulary pass. Under sequence parallelism the full sequence is gathered first; the gather's
+    backward only splits, because every consumer below reduces d hidden over the TP group itself (the
+    fused kernel's all-reduce, or copy_to_tensor_model_parallel_region before the logits GEMM)."""
+    if model.config.sequence_parallel:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    s, b, h = hidden.shape
+    return hidden.reshape(s * b, h).index_select(0, rows)
+
+
+def sequence_logprobs(
+    model,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    impl: str,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """hidden [s, b, h] (sequence-parallel shards allowed), labels [b, s] -> float32 [b] sums over
-    response tokens (labels != -100)."""
-    labels_sb = labels.t().contiguous()
+    response tokens (labels != -100). `rows`: `response_rows(labels)` on the same device, precomputed
+    from the host labels (default: computed here, at the cost of one device synchronisation). Labels
+    must already be range-checked (`check_label_range`): the kernels are called without their per-call
+    check."""
+    b, s = labels.shape
+    if rows is None:
+        rows = response_rows(labels)
+    flat_labels = labels.t().reshape(-1).index_select(0, rows)
+    tp_group = parallel_state.get_tensor_model_parallel_group() if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+    hidden_rows = _response_hidden(model, hidden, rows)
     impl = resolve_impl(impl)
     if impl == "fused_linear":
         from spin_mega.kernels import fused_linear_token_logprobs
 
-        if model.config.sequence_parallel:
-            # The kernel all-reduces the hidden-state gradient itself, so the gather's backward only splits.
-            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        s, b, h = hidden.shape
         token_logps = fused_linear_token_logprobs(
-            hidden.reshape(s * b, h),
-            model.output_weight(),
-            labels_sb.reshape(s * b),
-            ignore_index=IGNORE_INDEX,
-            group=parallel_state.get_tensor_model_parallel_group()
-            if parallel_state.get_tensor_model_parallel_world_size() > 1
-            else None,
-            vocab_size=vocab_size,
-        ).reshape(s, b)
+            hidden_rows, model.output_weight(), flat_labels, ignore_index=IGNORE_INDEX, group=tp_group,
+            vocab_size=vocab_size, range_check=False,
+        )
     else:
-        logits = model.vocab_parallel_logits(hidden)  # [s, b, V_padded / TP]
+        # The output layer's GEMM without its sequence-parallel input gather (done above, rows only):
+        # forward identity, backward all-reduce of d hidden over TP, as ColumnParallelLinear does.
+        logits = torch.matmul(tensor_parallel.copy_to_tensor_model_parallel_region(hidden_rows), model.output_weight().t())
         if impl == "triton":
             from spin_mega.kernels import token_logprobs, vocab_parallel_token_logprobs
 
-            if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            if tp_group is not None:
                 token_logps = vocab_parallel_token_logprobs(
-                    logits,
-                    labels_sb,
-                    parallel_state.get_tensor_model_parallel_group(),
-                    vocab_size=vocab_size,
-                    ignore_index=IGNORE_INDEX,
+                    logits, flat_labels, tp_group, vocab_size=vocab_size, ignore_index=IGNORE_INDEX, range_check=False
                 )
             else:
-                token_logps = token_logprobs(logits, labels_sb, ignore_index=IGNORE_INDEX, vocab_size=vocab_size)
+                token_logps = token_logprobs(logits, flat_labels, ignore_index=IGNORE_INDEX, vocab_size=vocab_size, range_check=False)
         elif impl == "reference":
-            token_logps = _reference_token_logprobs(logits, labels_sb, vocab_size)
+            token_logps = _reference_token_logprobs(logits, flat_labels, vocab_size)
         else:
             raise ValueError(f"unknown log-prob implementation {impl!r}")
-    return token_logps.float().sum(dim=0)
+    # Back to [s, b] positions (0 elsewhere) and summed over the sequence in position order: the same
+    # sums, in the same order, as over the full [s, b] grid.
+    dense = torch.zeros(s * b, dtype=torch.float32, device=token_logps.device).index_put((rows,), token_logps.float())
+    return dense.view(s, b).sum(dim=0)

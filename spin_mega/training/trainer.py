@@ -276,9 +276,12 @@ class Trainer:
             opponent.eval()
         self.logprob_impl = resolve_impl(cfg.train.logprobs)
         module = PolicyOpponent(policy, opponent, self.model_cfg.vocab_size, self.logprob_impl)
+        self.overlap_grad_reduce = cfg.parallel.overlap_grad_reduce
+        if self.overlap_grad_reduce is None:
+            self.overlap_grad_reduce = torch.cuda.is_available() and parallel_state.get_data_parallel_world_size() > 1
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=self.overlap_grad_reduce,
             use_distributed_optimizer=uses_distributed_optimizer(cfg.optim, cfg.parallel.distributed_optimizer),
         )
         self.model = DistributedDataParallel(config=policy.config, ddp_config=ddp_config, module=module)
@@ -288,6 +291,15 @@ class Trainer:
         config = policy.config
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.model.no_sync
+        # With overlap, the schedules start each bucket's reduction from the last micro-batch's backward.
+        config.grad_sync_func = self.model.start_grad_sync if self.overlap_grad_reduce else None
+        self.performance_paths = {
+            "logprobs": self.logprob_impl,
+            "response_rows_only": True,
+            "label_checks": "host, once per micro-batch",
+            "overlap_grad_reduce": self.overlap_grad_reduce,
+        }
+        _log("performance paths: " + ", ".join(f"{k}={v}" for k, v in self.performance_paths.items()))
         config.grad_scale_func = self.optimizer.scale_loss if self.dtype == torch.float16 else None
         self.num_params = sum(p.numel() for p in policy.parameters())
 
