@@ -111,6 +111,10 @@ class TrainConfig:
     log_interval: int = 1
     length_buckets: int = 8  # micro-batches are drawn from pairs of similar length to cut padding
     recompute_activations: bool = False
+    # Collapse: the policy's mean log-prob per token of the human (chosen) responses falling this many nats
+    # below the opponent's (the iteration's start). Reported once, or stops training with on_collapse: stop.
+    collapse_bound: float = 1.0
+    on_collapse: Literal["warn", "stop"] = "warn"
 
 
 @dataclass
@@ -311,6 +315,8 @@ def validate(cfg: SpinConfig) -> None:
         raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be at least 1")
     if cfg.loss.beta <= 0:
         raise ConfigError("loss.beta must be positive")
+    if not t.collapse_bound > 0:
+        raise ConfigError("train.collapse_bound must be positive (nats per token)")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
