@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from spin_mega.errors import TrainingUnhealthy
 from spin_mega.training.health import UNHEALTHY_MARKER, finite_json_line
-from tests.support import read_metrics, spin_mega
+from tests.support import free_port, read_metrics, spin_mega
 
 EXIT_UNHEALTHY = TrainingUnhealthy.exit_code
 
@@ -39,6 +43,20 @@ def _train(tiny_run, workdir: Path, *extra: str, max_steps: int, nproc: int = 1)
     return spin_mega(
         "train", str(tiny_run["config"]), "--workdir", str(workdir), "--max-steps", str(max_steps), *extra, nproc=nproc
     )
+
+
+def _run_killing_on_timeout(cmd: list[str], timeout: int) -> tuple[int, str]:
+    """Runs cmd in its own session; ranks that part ways hang in a collective, so on timeout the whole
+    group is killed (subprocess.run would kill only torchrun and leave its workers behind)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the ranks did not stop together within {timeout} s")
+    return proc.returncode, stderr
 
 
 def _poison_opponent_chosen(workdir: Path) -> str:
@@ -117,9 +135,13 @@ def test_pipeline_stages_agree_on_a_loss_only_the_last_stage_sees(tiny_run, tmp_
     pairs = [json.loads(line) for line in Path(tiny_run["pairs"]).read_text().splitlines()]
     table = {"chosen": [math.inf] * len(pairs), "rejected": [-50.0] * len(pairs), "prompt_id": [p["prompt_id"] for p in pairs]}
     (work / "opponent_logps.json").write_text(json.dumps(table))
-    result = _train(tiny_run, work, "--pp", "2", max_steps=2, nproc=2)
-    assert result.returncode != 0
-    assert len(_error_lines(result.stderr)) == 1  # one rank speaks
+    returncode, stderr = _run_killing_on_timeout(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}", "-m", "spin_mega",
+         "train", str(tiny_run["config"]), "--workdir", str(work), "--max-steps", "2", "--pp", "2"],
+        timeout=300,
+    )
+    assert returncode != 0
+    assert len(_error_lines(stderr)) == 1  # one rank speaks
     record = json.loads((work / UNHEALTHY_MARKER).read_text())
     assert record["step"] == 1 and "the loss" in record["cause"]
     assert not (work / "checkpoints").exists()
