@@ -98,6 +98,7 @@ class HealthGuard:
 
         `outputs` are this rank's forward-backward outputs: on the last pipeline stage one dict per
         micro-batch whose "stats" follow forward.STAT_NAMES; elsewhere empty."""
+        # Imported here: the loop and the report read stop records through this module without torch.
         import torch
         import torch.distributed as dist
 
