@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         code = args.handler(args)
     except SpinMegaError as exc:
         print(f"spin-mega {args.command}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print(f"spin-mega {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)

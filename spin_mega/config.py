@@ -118,6 +118,10 @@ class TrainConfig:
     # False: no checkpoint at all, not even the final one (benchmarks time steps of models too big to save
     # casually); a preemption signal still saves, since that is what the signal asks for.
     save_checkpoints: bool = True
+    # Collapse: the policy's mean log-prob per token of the human (chosen) responses falling this many nats
+    # below the opponent's (the iteration's start). Reported once, or stops training with on_collapse: stop.
+    collapse_bound: float = 1.0
+    on_collapse: Literal["warn", "stop"] = "warn"
 
 
 @dataclass
@@ -318,6 +322,8 @@ def validate(cfg: SpinConfig) -> None:
         raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be at least 1")
     if cfg.loss.beta <= 0:
         raise ConfigError("loss.beta must be positive")
+    if not t.collapse_bound > 0:
+        raise ConfigError("train.collapse_bound must be positive (nats per token)")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import yaml
 
 from spin_mega.config import SpinConfig, config_from_dict, config_to_dict, dump_config, per_iteration
-from spin_mega.errors import SpinMegaError
+from spin_mega.errors import SpinMegaError, TrainingUnhealthy
 from spin_mega.io import atomic_write_json, atomic_write_text, read_jsonl
 from spin_mega.models import checkpoint as model_ckpt
 from spin_mega.parallel.distributed import free_port
@@ -270,12 +270,31 @@ class SpinLoop:
             env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         from spin_mega.training.trainer import PREEMPTED_MARKER
 
-        code = _subprocess(
-            cmd, f"training of iteration {t}", it_dir / "logs" / "train.log", env=env,
-            preempted=it_dir / "train" / PREEMPTED_MARKER,
-        )
+        self._refuse_unhealthy(t, it_dir)
+        try:
+            code = _subprocess(
+                cmd, f"training of iteration {t}", it_dir / "logs" / "train.log", env=env,
+                preempted=it_dir / "train" / PREEMPTED_MARKER,
+            )
+        except StageFailed:
+            self._refuse_unhealthy(t, it_dir)  # under torchrun the trainer's own status arrives as 1
+            raise
         if code == EXIT_PREEMPTED:
             raise Preempted(f"training of iteration {t} was preempted; its checkpoint is saved")
+
+    def _refuse_unhealthy(self, t: int, it_dir: Path) -> None:
+        """theta_(t+1) is not exported, generated from or evaluated once its training stopped unhealthy."""
+        from spin_mega.training.health import read_stop
+
+        record = read_stop(it_dir / "train")
+        if record is None:
+            return
+        raise TrainingUnhealthy(
+            f"iteration {t}'s training stopped before the update of step {record['step']}: {record['cause']}; "
+            f"theta_{t + 1} was not exported, generated from or evaluated and earlier outputs are kept; lower "
+            f"iterations.lr (it is {per_iteration(self.cfg.iterations.lr, t):g}) in a new --workdir, or delete "
+            f"{self.config_path} and {it_dir / 'train'} to retrain only this iteration"
+        )
 
     def _evaluate(self, model_dir: Path, out: Path, opponent: Optional[Path], heldout_pairs: Optional[Path]) -> None:
         from spin_mega.evaluation import evaluate
@@ -287,6 +306,7 @@ class SpinLoop:
     def _iteration_summary(self, t: int) -> dict:
         it_dir = self.workdir / f"iter_{t}"
         metrics = [json.loads(l) for l in (it_dir / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        train_summary = it_dir / "train" / "train_summary.json"
         gens = read_jsonl(it_dir / "generations.jsonl")
         last = metrics[-1] if metrics else {}
 
@@ -300,6 +320,7 @@ class SpinLoop:
                 "final_loss": last.get("loss"),
                 "final_reward_accuracy": last.get("reward_accuracy"),
                 "final_reward_margin": last.get("reward_margin"),
+                "health": json.loads(train_summary.read_text()).get("health") if train_summary.is_file() else None,
             },
             "eval": json.loads((it_dir / "eval.json").read_text()) if (it_dir / "eval.json").is_file() else None,
             "generation": {
@@ -357,6 +378,12 @@ class SpinLoop:
         except Preempted as exc:
             log(f"{exc}; re-run the same command to resume")
             return EXIT_PREEMPTED
+        except TrainingUnhealthy:
+            self.write_summary()  # the report shows the stopped iteration beside the finished ones
+            from spin_mega.report import write_report
+
+            write_report(self.workdir)
+            raise
         summary = self.write_summary()
         try:
             from spin_mega.report import write_report

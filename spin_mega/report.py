@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 
 from spin_mega.errors import SpinMegaError
 from spin_mega.io import atomic_open, atomic_write_text
+from spin_mega.report_health import health_sentence, plot_health, read_health
 
 LN2 = math.log(2.0)
 REPORT_DIR = "report"
@@ -26,6 +27,7 @@ PLOTS = {
     "rewards": "rewards.png",
     "heldout": "heldout.png",
     "lengths": "lengths.png",
+    "health": "health.png",
 }
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 # Held-out metrics as (EVAL key, table/plot label); exact match first because it decides the verdict.
@@ -57,6 +59,8 @@ class Iteration:
     eval: Optional[dict] = None
     metrics: list[dict] = field(default_factory=list)
     lengths: Optional[Lengths] = None  # None when generations.jsonl does not exist
+    health: Optional[dict] = None  # train_summary.json's health entry
+    stopped: Optional[dict] = None  # the record of a training stopped unhealthy (training/health.py)
 
     @property
     def finished(self) -> bool:
@@ -192,6 +196,7 @@ def load_run(workdir: str | Path) -> RunData:
                 it.eval = _eval_or_none(_read_json(eval_path, "the evaluation"))
         it.metrics = _read_metrics(workdir / f"iter_{t}" / "train" / "metrics.jsonl")
         it.lengths = _read_lengths(workdir / f"iter_{t}" / "generations.jsonl")
+        it.health, it.stopped = read_health(workdir / f"iter_{t}" / "train", it.entry)
         iterations.append(it)
 
     if not summary_path.is_file() and not any(it.metrics for it in iterations):
@@ -432,7 +437,7 @@ def _table(run: RunData) -> list[str]:
         length, from_summary = it.mean_generated_length(unit)
         length_cell = "–" if length is None else f"{length:.1f}" + (" (summary.json)" if from_summary else "")
         steps = it.steps
-        status = "finished" if it.finished else "unfinished"
+        status = "finished" if it.finished else "stopped unhealthy" if it.stopped else "unfinished"
         lines.append(
             "| "
             + " | ".join(
@@ -507,7 +512,10 @@ def _first_step_note(run: RunData) -> Optional[str]:
 
 
 def render_markdown(run: RunData, plots: dict[str, bool]) -> str:
-    lines = [f"# SPIN report: `{run.workdir.resolve().name}`", "", "## Verdict", "", verdict(run), "", "## Summary", ""]
+    lines = [f"# SPIN report: `{run.workdir.resolve().name}`", "", "## Verdict", "", verdict(run), ""]
+    health = health_sentence(run)
+    lines += [health, ""] if health else []
+    lines += ["## Summary", ""]
     if not run.iterations:
         lines += ["No SPIN iteration has started yet.", ""]
     lines += _table(run)
@@ -537,12 +545,14 @@ def render_markdown(run: RunData, plots: dict[str, bool]) -> str:
         "rewards": "Reward margin and reward accuracy per step",
         "heldout": "Held-out metrics per iteration",
         "lengths": "Response lengths, human vs generated",
+        "health": "Training health: log-prob per token relative to θt",
     }
     missing = {
         "loss": "no training metrics yet",
         "rewards": "no training metrics yet",
         "heldout": "no evaluation yet",
         "lengths": "no generations yet",
+        "health": "no training metrics with log-prob changes yet",
     }
     for name, title in titles.items():
         lines += [f"### {title}", ""]
@@ -559,7 +569,7 @@ def write_report(workdir: str | Path) -> Path:
     run = load_run(workdir)
     out = Path(workdir) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    drawers = {"loss": plot_loss, "rewards": plot_rewards, "heldout": plot_heldout, "lengths": plot_lengths}
+    drawers = {"loss": plot_loss, "rewards": plot_rewards, "heldout": plot_heldout, "lengths": plot_lengths, "health": plot_health}
     plots = {name: draw(run, out / PLOTS[name]) for name, draw in drawers.items()}
     report = out / "report.md"
     atomic_write_text(report, render_markdown(run, plots))

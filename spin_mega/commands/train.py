@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
         description=(
             "Train theta_(t+1) on SPIN pairs (prompt, chosen=human, rejected=generated) against the frozen "
             "opponent theta_t. Resumes from the newest checkpoint in --workdir. Exits 75 after a SIGUSR1/SIGTERM "
-            "checkpoint (re-run the same command to resume)."
+            "checkpoint (re-run the same command to resume), and 3 when a NaN/inf loss or gradient norm (or a collapse "
+            "with train.on_collapse=stop) stopped training before the update, keeping the last good checkpoint."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

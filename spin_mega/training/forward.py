@@ -94,12 +94,17 @@ def _loss_func(batch: dict, beta: float, loss_type: str, fused: bool, output: to
             torch.tensor(float(n), device=policy.device),
             policy[:n].detach().sum(),
             policy[n:].detach().sum(),
+            batch["num_response_tokens"][:n].sum().to(policy.device, torch.float32),
+            batch["num_response_tokens"][n:].sum().to(policy.device, torch.float32),
         ]
     )
     return out.loss, {"stats": stats}
 
 
-STAT_NAMES = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "pairs", "logp_chosen", "logp_rejected")
+STAT_NAMES = (
+    "loss", "reward_chosen", "reward_rejected", "reward_accuracy", "pairs", "logp_chosen", "logp_rejected",
+    "chosen_tokens", "rejected_tokens",
+)
 
 
 def _host_label_rows(batch: dict, model) -> torch.Tensor:

@@ -22,13 +22,14 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spin_mega.config import SpinConfig, config_to_dict
-from spin_mega.errors import SpinMegaError
+from spin_mega.errors import SpinMegaError, TrainingUnhealthy
 from spin_mega.io import atomic_write_json
 from spin_mega.models import checkpoint as model_ckpt
 from spin_mega.models.gpt import build_model, padded_vocab_size, transformer_config
 from spin_mega.models.hf_config import resolve_model_config
 from spin_mega.parallel import distributed
 from spin_mega.training import checkpoint as train_ckpt
+from spin_mega.training import health
 from spin_mega.training.forward import STAT_NAMES, PolicyOpponent, make_forward_step, make_logprob_step
 from spin_mega.training.logprobs import resolve_impl
 from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
@@ -386,7 +387,18 @@ class Trainer:
                 keep.append(line)
         path.write_text("".join(line + "\n" for line in keep))
 
+    def _stop_unhealthy(self, step: int, cause: str) -> int:
+        """Leaves the checkpoints and `latest` as they are; the state that failed is never saved."""
+        last_good = train_ckpt.latest_checkpoint(self.workdir) or self.start.mcore_dir or "none (the random initialisation)"
+        if dist.get_rank() == 0:
+            record = health.record_stop(self.workdir, step, cause, str(last_good), self.cfg.optim.lr, self.cfg.optim.clip_grad)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            raise TrainingUnhealthy(health.stop_message(record))
+        return health.EXIT_UNHEALTHY
+
     def run(self) -> int:
+        health.refuse_to_resume(self.workdir)
         self.setup()
         cfg = self.cfg
         opponent_table = None if self.fused else self._precompute_opponent()
@@ -419,6 +431,8 @@ class Trainer:
         peak = peak_flops_per_gpu()
         m = self.model_cfg
         embed_params = self.padded_vocab * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+        guard = health.HealthGuard(cfg.train.collapse_bound, cfg.train.on_collapse == "stop", cfg.loss.beta, _log)
+        guard.replay(metrics_path)
         try:
             for step in range(start_step, self.total_steps):
                 t0 = time.perf_counter()
@@ -436,10 +450,10 @@ class Trainer:
                     forward_only=False,
                 )
                 lr = self.optimizer.param_groups[0]["lr"]
-                ok, grad_norm, _ = self.optimizer.step()
-                if not ok:
-                    raise SpinMegaError(f"the optimizer step at step {step + 1} failed (non-finite gradients)")
-                self.scheduler.step(increment=1)
+                checked = guard.step(self.optimizer, outputs, _device(), step + 1)
+                grad_norm = checked.grad_norm
+                if checked.applied:
+                    self.scheduler.step(increment=1)
                 step_time = time.perf_counter() - t0
                 done = step + 1
                 stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=_device())
@@ -470,10 +484,13 @@ class Trainer:
                         world = dist.get_world_size()
                         row["mfu"] = spin_step_flops(fwd, int(tokens[1].item()), self.fused) / (step_time * peak * world)
                     row.update(telemetry.sample())
+                    row.update(checked.metrics())
                     with open(metrics_path, "a") as handle:
-                        handle.write(json.dumps(row) + "\n")
+                        handle.write(health.finite_json_line(row) + "\n")
                     progress.update(1)
                     progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
+                if checked.stop_cause is not None:
+                    return self._stop_unhealthy(done, checked.stop_cause)
                 save_due = cfg.train.save_interval and done % cfg.train.save_interval == 0 and done < self.total_steps
                 if stop.agreed():
                     self._save(done)
@@ -488,7 +505,8 @@ class Trainer:
             if dist.get_rank() == 0:
                 atomic_write_json(
                     self.workdir / "train_summary.json",
-                    {"steps": self.total_steps, "data": self.data_stats.as_dict(), "checkpoint": str(train_ckpt.latest_checkpoint(self.workdir))},
+                    {"steps": self.total_steps, "data": self.data_stats.as_dict(), "checkpoint": str(train_ckpt.latest_checkpoint(self.workdir)),
+                     "health": guard.summary()},
                 )
             return 0
         finally:

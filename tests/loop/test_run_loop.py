@@ -212,3 +212,26 @@ def test_failed_stage_reports_one_line_and_keeps_earlier_outputs(loop_setup):
     # Re-running with other settings in the same work directory is refused rather than mixing two runs.
     again = _run(loop_setup["config_hf"], workdir, timeout=300)
     assert again.returncode == 2 and "different config" in again.stderr
+
+
+def test_unhealthy_training_stops_the_loop_and_keeps_earlier_outputs(loop_setup):
+    workdir = loop_setup["root"] / "diverging"
+    # The issue's reproduction: a learning rate far too high without clipping gives a NaN loss at step 2.
+    diverge = ("--set", "iterations.lr=[1e30]", "--set", "optim.clip_grad=0")
+    result = _run(loop_setup["config_hf"], workdir, *diverge, timeout=900)
+    assert result.returncode == 3, result.stderr[-4000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("spin-mega run: error:")]
+    assert len(error) == 1
+    assert "iteration 0's training stopped before the update of step 2" in error[0] and "not finite" in error[0]
+    it = workdir / "iter_0"
+    # Nothing was exported, generated from or evaluated after the failed training; earlier outputs stay.
+    assert not (it / ".done.train").exists() and not (it / "hf").exists() and not (it / "eval.json").exists()
+    assert not (workdir / "iter_1").exists()
+    assert len(read_jsonl(it / "generations.jsonl")) == 32 and (workdir / "baseline_eval.json").is_file()
+    report = (workdir / "report" / "report.md").read_text()
+    assert "iteration 0 stopped before the update of step 2" in report
+    # Running it again says the same without training again.
+    log_before = (it / "logs" / "train.log").read_text()
+    again = _run(loop_setup["config_hf"], workdir, *diverge, timeout=300)
+    assert again.returncode == 3 and "iteration 0's training stopped" in again.stderr
+    assert (it / "logs" / "train.log").read_text() == log_before

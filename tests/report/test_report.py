@@ -39,6 +39,9 @@ def _metrics(t: int, steps: int) -> list[dict]:
                 "lr": 5e-7,
                 "grad_norm": 1.0 / step,
                 "tokens_per_s": 1000.0,
+                "logp_chosen_per_token_change": -0.01 * (step - 1),
+                "logp_rejected_per_token_change": -0.03 * (step - 1),
+                "collapse": False,
             }
         )
     return rows
@@ -258,3 +261,31 @@ def test_cli_writes_report(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (workdir / "report" / "report.md").is_file()
+
+
+def test_collapse_and_unhealthy_stop_are_shown_in_verdict_table_and_plot(tmp_path):
+    workdir = make_workdir(tmp_path, finished=1)
+    # Iteration 0 collapsed from step 9 on (its train_summary.json says so); iteration 1 stopped on a NaN loss.
+    rows = _metrics(0, STEPS)
+    for row in rows[8:]:
+        row.update(logp_chosen_per_token_change=-1.5, collapse=True)
+    train0 = workdir / "iter_0" / "train"
+    (train0 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    health = {"status": "collapsed", "collapse_bound": 1.0, "collapse": {"step": 9, "logp_chosen_per_token_change": -1.5}}
+    (train0 / "train_summary.json").write_text(json.dumps({"steps": STEPS, "health": health}))
+    (workdir / "iter_1" / "train" / "unhealthy.json").write_text(
+        json.dumps({"step": 3, "cause": "the loss is not finite (NaN or inf)", "last_good": "x", "advice": "y"})
+    )
+    report_path = write_report(workdir)
+    report = report_path.read_text()
+    verdict_section = report.split("## Summary")[0]
+    assert "iteration 0 collapsed at step 9" in verdict_section and "fell 1.5 nats below θ0's" in verdict_section
+    assert "iteration 1 stopped before the update of step 3 because the loss is not finite" in verdict_section
+    assert _row(report, "1")[1] == "stopped unhealthy"
+    _assert_pngs(report_path.parent, ["health"])
+    assert f"]({PLOTS['health']})" in report
+
+
+def test_healthy_run_says_so(tmp_path):
+    report = write_report(make_workdir(tmp_path)).read_text()
+    assert "Training health: no non-finite value and no collapse in any iteration." in report.split("## Summary")[0]
