@@ -3,7 +3,7 @@ schedules want (one DDP wrapper and one data iterator per model chunk under inte
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable, Optional
 
 from spin_mega.config import ModelConfig, SpinConfig
 from spin_mega.errors import SpinMegaError
@@ -65,15 +65,20 @@ def no_sync_func(chunks: list):
     return chunks[0].no_sync if len(chunks) == 1 else [chunk.no_sync for chunk in chunks]
 
 
-def data_iterators(micro_batches: Iterable[dict], chunks: list, pad_id: int):
+def data_iterators(micro_batches: Iterable[dict], chunks: list, pad_id: int, fixed_length: Optional[int] = None):
     """One iterator without interleaving. With it, the schedule draws each micro-batch once per chunk, so
-    each chunk gets its own iterator over the same (materialised) micro-batches, all padded to the step's
-    longest. megatron-core 0.16 exchanges the shapes of variable-length activations with batched p2p
-    even when the tensors go unbatched; at PP 2 a stage's previous and next peer are the same rank, and a
-    shape sent backwards was matched to one expected forwards (a [40, b, h] gradient met a [48, b, h]
-    output). Equal shapes within a step make that crossing harmless."""
+    each chunk gets its own iterator over the same micro-batches, all of one length: `fixed_length` when
+    given (each chunk then re-reads `micro_batches`, so nothing is held: the opponent precompute over the
+    whole data set), else the step's longest (the step's micro-batches are held, a few per rank).
+
+    Equal lengths because megatron-core 0.16 exchanges the shapes of variable-length activations with
+    batched p2p even when the tensors go unbatched; at PP 2 a stage's previous and next peer are the same
+    rank, and a shape sent backwards was matched to one expected forwards (a [40, b, h] gradient met a
+    [48, b, h] output). Equal shapes make that crossing harmless."""
     if len(chunks) == 1:
         return iter(micro_batches)
+    if fixed_length is not None:
+        return [(_pad_to(batch, fixed_length, pad_id) for batch in micro_batches) for _ in chunks]
     batches = list(micro_batches)
     length = max(batch["input_ids"].shape[1] for batch in batches)
     batches = [_pad_to(batch, length, pad_id) for batch in batches]
@@ -87,6 +92,8 @@ def _pad_to(batch: dict, length: int, pad_id: int) -> dict:
     from spin_mega.data.batching import IGNORE_INDEX
 
     extra = length - batch["input_ids"].shape[1]
+    if extra < 0:
+        raise AssertionError(f"a micro-batch of length {batch['input_ids'].shape[1]} exceeds {length}")
     if extra == 0:
         return batch
     padded = dict(batch)

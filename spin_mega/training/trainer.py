@@ -331,12 +331,13 @@ class Trainer:
         chosen = torch.zeros(n, dtype=torch.float64, device=_device())
         rejected = torch.zeros(n, dtype=torch.float64, device=_device())
         data = _MicroBatches(self.dataset, batches, self.pad_id, None, self.pad_multiple)
+        longest = math.ceil(self.cfg.data.max_length / self.pad_multiple) * self.pad_multiple
         for chunk in self.model_chunks:
             chunk.eval()
         with torch.no_grad():
             outputs = get_forward_backward_func()(
                 forward_step_func=make_logprob_step(),
-                data_iterator=pipeline.data_iterators(data, self.model_chunks, self.pad_id),
+                data_iterator=pipeline.data_iterators(data, self.model_chunks, self.pad_id, fixed_length=longest),
                 model=self.model_chunks,
                 num_microbatches=len(batches),
                 seq_length=self.cfg.data.max_length,
