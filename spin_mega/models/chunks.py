@@ -21,7 +21,3 @@ def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size
     if virtual is None:
         return [build_model(model, config, vocab_size=vocab_size)]
     return [build_model(model, config, vocab_size=vocab_size, vp_stage=i) for i in range(virtual)]
-
-
-def as_chunks(model) -> list:
-    return list(model) if isinstance(model, (list, tuple)) else [model]

@@ -107,9 +107,10 @@ def _train(run: dict, workdir: Path, *extra: str, nproc: int, max_steps: int):
 @pytest.mark.slow
 def test_interleaved_and_uneven_pipelines_match_one_process_and_reshard(six_layers, tmp_path):
     """PP 2 x VPP 2 over [4, 2] layers (full recompute) trains two steps with PP 1's losses; its checkpoint
-    resumes at PP 2 over [5, 1] (selective recompute, fused opponent built per stage) for a third step with PP
-    1's loss and final weights. Covers: uneven splits with and without interleaving, the chunked opponent
-    precompute, recompute modes, and checkpoints (model and optimizer) loaded at another layout."""
+    resumes at PP 2 over [5, 1] (selective recompute, fused opponent) for a third step with PP 1's loss and
+    final weights, and at PP 2 x VPP 2 over [2, 4] with a fused opponent per chunk, with PP 1's loss. Covers:
+    uneven splits with and without interleaving, the interleaved opponent precompute and fused opponent,
+    recompute modes, and checkpoints (model and optimizer) loaded at another layout."""
     base = tmp_path / "pp1"
     _train(six_layers, base, nproc=1, max_steps=3)
     reference = read_metrics(base)
@@ -141,6 +142,16 @@ def test_interleaved_and_uneven_pipelines_match_one_process_and_reshard(six_laye
     metrics = read_metrics(resumed)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     _assert_same_step(reference[2], metrics[2], 1e-5, "resumed at pp2 [5, 1], step 3")
+
+    # The fused opponent per interleaved chunk, resumed into the other uneven interleaved split.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(interleaved, swapped)
+    result = _train(
+        six_layers, swapped, "--pp", "2", "--set", "parallel.virtual_pipeline_parallel=2",
+        "--set", "parallel.first_stage_layers=2", "--set", "train.opponent=fused", nproc=2, max_steps=3,
+    )
+    assert "[2, 4] in 2 interleaved chunks" in result.stderr
+    _assert_same_step(reference[2], read_metrics(swapped)[2], 1e-5, "resumed at pp2 x vpp2 [2, 4], fused, step 3")
 
     weights, base_weights = _final_weights(resumed), _final_weights(base)
     assert weights.keys() == base_weights.keys()
