@@ -1,6 +1,7 @@
 """Throughput and peak memory of checkpoint conversion, both directions, on a random 1B-class Llama.
 
     python benchmarks/conversion.py [--dtype bfloat16] [--workdir DIR] [--out benchmarks/results/conversion_cpu.json]
+    python benchmarks/conversion.py --scaling    # memory against the shard count: conversion_scaling_cpu.json
 
 The source is a TinyLlama-shaped model cut to 16 layers (hidden 2048, 32 heads in 4 key/value groups, ffn
 5632, vocab 32000, untied), written with random weights straight to sharded safetensors (1 GB shards) so
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import shutil
@@ -47,7 +49,7 @@ SHAPE = dict(
 INPUT_SHARD_BYTES = 1 << 30
 
 
-def _write_source(path: Path, dtype_name: str) -> int:
+def _write_source(path: Path, dtype_name: str, shape: dict = SHAPE, shard_bytes: int = INPUT_SHARD_BYTES) -> int:
     """Random weights, generated and written one tensor at a time. Returns the weight bytes."""
     import torch
 
@@ -57,7 +59,7 @@ def _write_source(path: Path, dtype_name: str) -> int:
     from spin_mega.models.hf_config import hf_config_from_model_config
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype_name]
-    model = ModelConfig(architecture="llama", **SHAPE)
+    model = ModelConfig(architecture="llama", **shape)
     dims = Dims.of(model, model.vocab_size)
     tensors = []
     for rule in ARCHITECTURES["llama"].active_rules(model):
@@ -67,7 +69,7 @@ def _write_source(path: Path, dtype_name: str) -> int:
     sizes = [element * torch.Size(shape).numel() for _, shape in tensors]
     path.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
-    shards = plan_shards(sizes, INPUT_SHARD_BYTES)
+    shards = plan_shards(sizes, shard_bytes)
     weight_map = {}
     for s, ids in enumerate(shards):
         name = shard_name(s, len(shards))
@@ -82,7 +84,7 @@ def _write_source(path: Path, dtype_name: str) -> int:
     return sum(sizes)
 
 
-def _child(direction: str, source: str, target: str) -> None:
+def _child(direction: str, source: str, target: str, max_shard_bytes: int) -> None:
     """Runs one conversion in this (fresh) process and prints its measurements as JSON."""
     import psutil
 
@@ -109,7 +111,7 @@ def _child(direction: str, source: str, target: str) -> None:
     if direction == "hf-to-mcore":
         hf_to_mcore(source, target)
     else:
-        mcore_to_hf(source, target)
+        mcore_to_hf(source, target, max_shard_bytes=max_shard_bytes)
     seconds = time.perf_counter() - start
     cpu_end = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
@@ -130,12 +132,14 @@ def _child(direction: str, source: str, target: str) -> None:
     )
 
 
-def _run_child(direction: str, source: Path, target: Path) -> dict:
+def _run_child(direction: str, source: Path, target: Path, max_shard_bytes: int = 5 * 1024**3, env=None) -> dict:
     result = subprocess.run(
-        [sys.executable, "-W", "ignore", __file__, "--child", direction, str(source), str(target)],
+        [sys.executable, "-W", "ignore", __file__, "--child", direction, str(source), str(target),
+         "--max-shard-bytes", str(max_shard_bytes)],
         capture_output=True,
         text=True,
         cwd=REPO,
+        env=None if env is None else dict(os.environ, **env),
     )
     if result.returncode != 0:
         raise SystemExit(f"{direction} failed:\n{result.stderr[-3000:]}")
@@ -157,15 +161,119 @@ def _same_tensors(a: Path, b: Path) -> bool:
     return True
 
 
+# The scaling run: a small-tensor Llama at two depths, written as one layer per ~16 MiB shard, so the shard
+# count doubles while the shard and layer sizes stay fixed.
+SCALING_SHAPE = dict(
+    vocab_size=4096,
+    hidden_size=512,
+    ffn_hidden_size=1376,
+    num_attention_heads=8,
+    num_query_groups=4,
+    head_dim=64,
+    max_position_embeddings=2048,
+)
+SCALING_LAYERS = (24, 48)
+SCALING_SHARD_BYTES = 16 * 1024**2
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def _scaling(args) -> None:
+    """Peak memory of both converters against the number of shards (24 and 48 layers, >= 25 shards each way):
+    what they hold must be bounded by the largest shard plus one layer, not grow with the model."""
+    import psutil
+    import torch
+
+    element = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    s = SCALING_SHAPE
+    one_layer = element * (
+        3 * s["hidden_size"] * s["ffn_hidden_size"]
+        + s["hidden_size"] * s["head_dim"] * 2 * (s["num_attention_heads"] + s["num_query_groups"])
+        + 2 * s["hidden_size"]
+    )
+    runs = []
+    for layers in SCALING_LAYERS:
+        workdir = Path(tempfile.mkdtemp(prefix="spin_mega_conv_scaling_", dir=args.workdir))
+        try:
+            shape = dict(s, num_layers=layers)
+            weight_bytes = _write_source(workdir / "hf", args.dtype, shape, SCALING_SHARD_BYTES)
+            index = json.loads((workdir / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+            shard_sizes = {}
+            for name in set(index.values()):
+                shard_sizes[name] = (workdir / "hf" / name).stat().st_size
+            run = {
+                "num_layers": layers,
+                "weight_mb": round(weight_bytes / 2**20, 1),
+                "input_shards": len(shard_sizes),
+                "largest_input_shard_mb": round(max(shard_sizes.values()) / 2**20, 2),
+            }
+            for direction, source, target in (
+                ("hf_to_mcore", workdir / "hf", workdir / "mcore"),
+                ("mcore_to_hf", workdir / "mcore", workdir / "hf_out"),
+            ):
+                m = _run_child(direction.replace("_", "-"), source, target, SCALING_SHARD_BYTES)
+                # glibc raises its mmap threshold after the first large free, after which freed tensor
+                # buffers stay in the heap: a fixed threshold separates what the converter holds from that.
+                shutil.rmtree(target)
+                fixed = _run_child(
+                    direction.replace("_", "-"), source, target, SCALING_SHARD_BYTES, env=FIXED_MMAP_THRESHOLD
+                )
+                run[direction] = {
+                    "held_mb": round((m["peak_anon"] - m["baseline_anon"]) / 2**20, 1),
+                    "held_mb_fixed_mmap_threshold": round((fixed["peak_anon"] - fixed["baseline_anon"]) / 2**20, 1),
+                    "peak_rss_mb": round(m["peak_rss"] / 2**20, 1),
+                    "baseline_rss_mb": round(m["baseline_rss"] / 2**20, 1),
+                    "seconds": round(m["seconds"], 2),
+                }
+            run["output_shards"] = len(list((workdir / "hf_out").glob("model-*.safetensors")))
+            run["roundtrip_bit_exact"] = _same_tensors(workdir / "hf", workdir / "hf_out")
+            print(run, flush=True)
+            runs.append(run)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    bound_mb = (SCALING_SHARD_BYTES + one_layer) / 2**20
+    import megatron.core
+
+    report = {
+        "benchmark": "checkpoint conversion memory against the number of safetensors shards",
+        "device": f"CPU ({platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, shared with other jobs)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "megatron_core": megatron.core.__version__},
+        "model": dict(s, architecture="llama", dtype=args.dtype, num_layers=list(SCALING_LAYERS)),
+        "one_layer_mb": round(one_layer / 2**20, 2),
+        "max_shard_mb": round(SCALING_SHARD_BYTES / 2**20, 2),
+        "bound_mb": round(bound_mb, 2),
+        "runs": runs,
+        "held_mb_means": "peak minus start-of-call resident memory that is not file-backed (sampled every 20 ms): "
+        "what the conversion itself holds; held_mb_fixed_mmap_threshold is the same with glibc's mmap threshold "
+        "fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_), so freed buffers go back to the system at once",
+        "within_bound": {
+            key: all(r[d][key] <= bound_mb for r in runs for d in ("hf_to_mcore", "mcore_to_hf"))
+            for key in ("held_mb", "held_mb_fixed_mmap_threshold")
+        },
+    }
+    out = args.out if args.out.name != "conversion_cpu.json" else args.out.with_name("conversion_scaling_cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    if not all(r["roundtrip_bit_exact"] for r in runs):
+        raise SystemExit("round trip was not bit-exact")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "conversion_cpu.json")
+    parser.add_argument("--scaling", action="store_true", help="the shard-count scaling run (see _scaling)")
     parser.add_argument("--child", nargs=3, metavar=("DIRECTION", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--max-shard-bytes", type=int, default=5 * 1024**3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(*args.child)
+        _child(*args.child, args.max_shard_bytes)
+        return
+    if args.scaling:
+        _scaling(args)
         return
 
     import psutil

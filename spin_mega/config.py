@@ -60,6 +60,13 @@ class ParallelConfig:
     # from the backward hooks of the last micro-batch). null: on with CUDA (NCCL) and DP > 1; on CPU,
     # gloo's collectives share the cores with the backward, so there is nothing to overlap.
     overlap_grad_reduce: Optional[bool] = None
+    # Interleaved pipeline schedule: model chunks per pipeline stage (1: plain 1F1B). Shrinks the bubble
+    # from (pp-1)/m to (pp-1)/(v*m) for v times more stage-to-stage messages (parallel/layout.py).
+    virtual_pipeline_parallel: int = 1
+    # Layers of the first and last pipeline stages when they should differ from an even split; the stages
+    # between share the rest equally. Unset: even when the layers divide, else parallel/layout.py's default.
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
 
 
 @dataclass
@@ -114,7 +121,9 @@ class TrainConfig:
     save_interval: int = 0  # optimizer steps between checkpoints; 0 saves only at the end
     log_interval: int = 1
     length_buckets: int = 8  # micro-batches are drawn from pairs of similar length to cut padding
-    recompute_activations: bool = False
+    # Activation recomputation (megatron-core): "selective" recomputes core attention only, "full" every
+    # layer from its input (one layer input kept per layer).
+    recompute: Literal["none", "selective", "full"] = "none"
     # False: no checkpoint at all, not even the final one (benchmarks time steps of models too big to save
     # casually); a preemption signal still saves, since that is what the signal asks for.
     save_checkpoints: bool = True
@@ -235,12 +244,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
+# Keys that were renamed: naming the new key beats a list of every known one.
+RENAMED_KEYS = {"train.recompute_activations": "train.recompute (none, selective or full)"}
+
+
 def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for name in raw:
         if name not in known:
             dotted = f"{prefix}.{name}" if prefix else name
+            if dotted in RENAMED_KEYS:
+                raise ConfigError(f"config key '{dotted}' was replaced by {RENAMED_KEYS[dotted]}")
             raise ConfigError(f"unknown config key '{dotted}' (known keys here: {', '.join(sorted(known))})")
     kwargs = {}
     for name, value in raw.items():
@@ -320,6 +335,9 @@ def validate(cfg: SpinConfig) -> None:
         raise ConfigError("train.global_batch_size must be at least train.micro_batch_size")
     if p.tensor_parallel < 1 or p.pipeline_parallel < 1:
         raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be at least 1")
+    from spin_mega.parallel.layout import check_virtual_pipeline
+
+    check_virtual_pipeline(p.pipeline_parallel, p.virtual_pipeline_parallel)
     if cfg.loss.beta <= 0:
         raise ConfigError("loss.beta must be positive")
     if not t.collapse_bound > 0:

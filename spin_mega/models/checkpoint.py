@@ -53,18 +53,37 @@ def read_meta(path: str | Path) -> tuple[ModelConfig, torch.dtype, int]:
     return model, DTYPES[meta["dtype"]], int(meta["padded_vocab_size"])
 
 
-def save_model(model: torch.nn.Module, path: str | Path) -> None:
-    """Collective: every rank calls it with its model chunk. `path/model` must not exist yet."""
+def sharded_state_dict(model) -> dict:
+    """The sharded state dict of one model chunk, or of a rank's interleaved chunks nested as megatron's
+    own checkpoints nest them (`model0`, `model1`, ...). The tensors' global keys are the same either way."""
+    if isinstance(model, (list, tuple)):
+        if len(model) == 1:
+            return model[0].sharded_state_dict()
+        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+    return model.sharded_state_dict()
+
+
+def _load_state_dict(model, loaded: dict) -> None:
+    if isinstance(model, (list, tuple)) and len(model) > 1:
+        for i, chunk in enumerate(model):
+            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    else:
+        (model[0] if isinstance(model, (list, tuple)) else model).load_state_dict(loaded, strict=True)
+
+
+def save_model(model, path: str | Path) -> None:
+    """Collective: every rank calls it with its model chunk (or list of chunks). `path/model` must not
+    exist yet."""
     target = Path(path) / MODEL_SUBDIR
     if dist.get_rank() == 0:
         target.mkdir(parents=True, exist_ok=False)
     dist.barrier()
     from megatron.core import dist_checkpointing  # imported on use: reading the meta file stays cheap
 
-    dist_checkpointing.save(model.sharded_state_dict(), str(target))
+    dist_checkpointing.save(sharded_state_dict(model), str(target))
 
 
-def load_model(model: torch.nn.Module, path: str | Path) -> None:
+def load_model(model, path: str | Path) -> None:
     """Collective: loads the global tensors of `path/model` into this rank's shard of `model`."""
     source = Path(path) / MODEL_SUBDIR
     if not source.is_dir():
@@ -72,7 +91,7 @@ def load_model(model: torch.nn.Module, path: str | Path) -> None:
     from megatron.core import dist_checkpointing
 
     try:
-        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(source))
+        loaded = dist_checkpointing.load(sharded_state_dict(model), str(source))
     except Exception as exc:  # dist_checkpointing raises many types; the user needs the path and the cause
         raise SpinMegaError(f"cannot load the Megatron checkpoint at {source}: {exc}") from exc
-    model.load_state_dict(loaded, strict=True)
+    _load_state_dict(model, loaded)

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from spin_mega.config import ModelConfig
 from spin_mega.models.attention import SDPAttention
+from spin_mega.parallel.layout import check_tensor_parallel, resolve_layout
 
 # Megatron pads the vocabulary so each TP shard is a multiple of this (efficient GEMM tiles).
 VOCAB_DIVISIBLE_BY = 128
@@ -47,27 +48,25 @@ def layer_spec() -> ModuleSpec:
     return spec
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
 def transformer_config(
     model: ModelConfig,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
-    recompute: bool = False,
+    recompute: str = "none",
+    virtual_pipeline: int = 1,
+    first_stage_layers: Optional[int] = None,
+    last_stage_layers: Optional[int] = None,
 ) -> TransformerConfig:
-    if model.num_attention_heads % tensor_parallel or model.num_query_groups % tensor_parallel:
-        from spin_mega.errors import ConfigError
-
-        raise ConfigError(
-            f"tensor parallel {tensor_parallel} must divide the attention heads ({model.num_attention_heads}) "
-            f"and key/value groups ({model.num_query_groups})"
-        )
-    if model.num_layers % pipeline_parallel:
-        from spin_mega.errors import ConfigError
-
-        raise ConfigError(
-            f"pipeline parallel {pipeline_parallel} must divide the number of layers ({model.num_layers})"
-        )
+    """Raises ConfigError (one sentence) for a layout the model cannot be split into."""
+    check_tensor_parallel(model.num_attention_heads, model.num_query_groups, tensor_parallel)
+    layout = resolve_layout(model.num_layers, pipeline_parallel, virtual_pipeline, first_stage_layers, last_stage_layers)
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, not {recompute!r}")
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
         num_layers=model.num_layers,
@@ -92,7 +91,7 @@ def transformer_config(
         attention_dropout=0.0,
         init_method_std=model.init_std,
         tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
+        **layout.megatron_kwargs(),
         sequence_parallel=sequence_parallel and tensor_parallel > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -102,8 +101,12 @@ def transformer_config(
         attention_softmax_in_fp32=True,
         cross_entropy_loss_fusion=False,
     )
-    if recompute:
+    if recompute == "full":
+        # Every layer keeps only its input and is re-run in the backward pass.
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        # megatron-core's default selective set: the core attention (here SDPA or flash-attn) only.
+        kwargs.update(recompute_granularity="selective", recompute_modules=["core_attn"])
     return TransformerConfig(**kwargs)
 
 
@@ -136,12 +139,14 @@ def build_model(
     vocab_size: Optional[int] = None,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
 ) -> SpinGPTModel:
-    """The model chunk of this pipeline stage (all of it without PP)."""
+    """The model chunk of this pipeline stage (all of it without PP); `vp_stage` picks the chunk of an
+    interleaved stage (models/chunks.py builds them all)."""
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     padded = vocab_size or padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size)
     gpt = SpinGPTModel(
         config=config,
@@ -155,6 +160,7 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=int(model.rope_theta),
         rope_scaling=False,
+        vp_stage=vp_stage,
     )
     if model.rope_theta != int(model.rope_theta) or model.rope_scaling:
         _set_rotary_frequencies(gpt, model)

@@ -80,8 +80,11 @@ def detect_launch_env() -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
-def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> LaunchEnv:
-    """Starts torch.distributed and Megatron's model-parallel groups. Safe to call once per process."""
+def initialize(
+    tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234, virtual_pipeline: int = 1
+) -> LaunchEnv:
+    """Starts torch.distributed and Megatron's model-parallel groups. Safe to call once per process.
+    `virtual_pipeline` > 1 selects megatron's interleaved pipeline schedule."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -109,6 +112,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
+            virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
         )
     model_parallel_cuda_manual_seed(seed)
     return launch

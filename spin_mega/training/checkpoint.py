@@ -75,7 +75,7 @@ def _set_rng_state(state: dict) -> None:
 def save(
     workdir: str | Path,
     step: int,
-    policy: torch.nn.Module,
+    policy,
     optimizer,
     scheduler,
     trainer_state: dict,
@@ -83,7 +83,8 @@ def save(
     tokenizer_dir: Optional[Path],
     start_dir: Optional[Path] = None,
 ) -> Path:
-    """Collective over all ranks. `write_meta(path)` writes spin_mega_model.json (rank 0 only)."""
+    """Collective over all ranks. `policy`: this rank's model chunk or list of interleaved chunks.
+    `write_meta(path)` writes spin_mega_model.json (rank 0 only)."""
     root = checkpoint_root(workdir)
     name = f"step_{step:06d}"
     final = root / name
@@ -94,7 +95,7 @@ def save(
         (tmp / "rng").mkdir(parents=True)
         (tmp / "optimizer").mkdir()
     dist.barrier()
-    model_sharded = policy.sharded_state_dict()
+    model_sharded = model_ckpt.sharded_state_dict(policy)
     model_ckpt.save_model(policy, tmp)
     dist_checkpointing.save(optimizer.sharded_state_dict(model_sharded), str(tmp / "optimizer"))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
@@ -124,10 +125,11 @@ def _prune(root: Path, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load(path: Path, policy: torch.nn.Module, optimizer, scheduler) -> dict:
-    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns trainer_state."""
+def load(path: Path, policy, optimizer, scheduler) -> dict:
+    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns trainer_state.
+    `policy`: this rank's model chunk or list of interleaved chunks."""
     model_ckpt.load_model(policy, path)
-    model_sharded = policy.sharded_state_dict()
+    model_sharded = model_ckpt.sharded_state_dict(policy)
     optim_sharded = optimizer.sharded_state_dict(model_sharded, is_loading=True)
     try:
         state_dict = dist_checkpointing.load(optim_sharded, str(path / "optimizer"))

@@ -13,7 +13,6 @@ from functools import partial
 from typing import Callable, Optional
 
 import torch
-from megatron.core import parallel_state
 
 from spin_mega.training.logprobs import check_label_range, response_rows, sequence_logprobs
 from spin_mega.training.loss import spin_loss
@@ -53,7 +52,8 @@ class PolicyOpponent(torch.nn.Module):
         """Non-last stages return hidden states [s, b', h]; the last stage returns per-sequence log-prob sums:
         [2B] for the policy, followed by the opponent's [2B] in fused mode. `rows`: the labelled positions
         (`response_rows`), precomputed on the host."""
-        last_stage = parallel_state.is_pipeline_last_stage()
+        # The chunk's own flag: under interleaving only the last chunk of the last stage ends the model.
+        last_stage = self.policy.post_process
         incoming = self._input_tensor
         opponent = self.opponent
         if incoming is not None and opponent is not None:

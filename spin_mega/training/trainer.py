@@ -18,18 +18,20 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spin_mega.config import SpinConfig, config_to_dict
 from spin_mega.errors import SpinMegaError, TrainingUnhealthy
 from spin_mega.io import atomic_write_json
 from spin_mega.models import checkpoint as model_ckpt
-from spin_mega.models.gpt import build_model, padded_vocab_size, transformer_config
+from spin_mega.models.chunks import build_model_chunks
+from spin_mega.models.gpt import padded_vocab_size, transformer_config
 from spin_mega.models.hf_config import resolve_model_config
 from spin_mega.parallel import distributed
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
+from spin_mega.training import pipeline
 from spin_mega.training.forward import STAT_NAMES, PolicyOpponent, make_forward_step, make_logprob_step
 from spin_mega.training.logprobs import resolve_impl
 from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
@@ -200,7 +202,11 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         p = cfg.parallel
-        self.launch = distributed.initialize(p.tensor_parallel, p.pipeline_parallel, seed=cfg.train.seed)
+        # Before any process group: a layout the model cannot be split into fails in a second.
+        self.layout = pipeline.check_layout(cfg)
+        self.launch = distributed.initialize(
+            p.tensor_parallel, p.pipeline_parallel, seed=cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel
+        )
         if dist.get_rank() == 0:
             self.workdir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -246,8 +252,11 @@ class Trainer:
             total = min(total, self.max_steps)
         self.total_steps = max(1, total)
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
+        pipeline.check_microbatches(self.layout, self.num_microbatches)
+        _log(self.layout.describe(self.num_microbatches))
 
-    def _build(self) -> torch.nn.Module:
+    def _build(self) -> list[torch.nn.Module]:
+        """This rank's model chunks: one, or one per virtual pipeline stage."""
         p = self.cfg.parallel
         tconfig = transformer_config(
             self.model_cfg,
@@ -255,28 +264,37 @@ class Trainer:
             p.pipeline_parallel,
             dtype=self.dtype,
             sequence_parallel=p.sequence_parallel and torch.cuda.is_available(),
-            recompute=self.cfg.train.recompute_activations,
+            recompute=self.cfg.train.recompute,
+            virtual_pipeline=p.virtual_pipeline_parallel,
+            first_stage_layers=p.first_stage_layers,
+            last_stage_layers=p.last_stage_layers,
         )
         # Variable-length micro-batches (length bucketing) need shapes exchanged between stages.
         tconfig.variable_seq_lengths = True
-        return build_model(self.model_cfg, tconfig, vocab_size=self.padded_vocab)
+        return build_model_chunks(self.model_cfg, tconfig, vocab_size=self.padded_vocab)
 
     def _setup_models(self) -> None:
         cfg = self.cfg
         self.fused = cfg.train.opponent == "fused"
-        policy = self._build()
+        # One chunk per virtual pipeline stage (one without interleaving); `policy` and `model` name the first.
+        self.policies = self._build()
+        policy = self.policies[0]
         # Sequence parallelism splits the sequence over TP ranks, so padded lengths must divide evenly.
         self.pad_multiple = math.lcm(8, policy.config.tensor_model_parallel_size) if policy.config.sequence_parallel else 8
         if self.start.mcore_dir is not None:
-            model_ckpt.load_model(policy, self.start.mcore_dir)
-        opponent = None
+            model_ckpt.load_model(self.policies, self.start.mcore_dir)
+        opponents = [None] * len(self.policies)
         if self.fused:
-            opponent = self._build()
-            opponent.load_state_dict(policy.state_dict())
-            opponent.requires_grad_(False)
-            opponent.eval()
+            opponents = self._build()
+            for opponent, chunk in zip(opponents, self.policies):
+                opponent.load_state_dict(chunk.state_dict())
+                opponent.requires_grad_(False)
+                opponent.eval()
         self.logprob_impl = resolve_impl(cfg.train.logprobs)
-        module = PolicyOpponent(policy, opponent, self.model_cfg.vocab_size, self.logprob_impl)
+        modules = [
+            PolicyOpponent(chunk, opponent, self.model_cfg.vocab_size, self.logprob_impl)
+            for chunk, opponent in zip(self.policies, opponents)
+        ]
         self.overlap_grad_reduce = cfg.parallel.overlap_grad_reduce
         if self.overlap_grad_reduce is None:
             self.overlap_grad_reduce = torch.cuda.is_available() and parallel_state.get_data_parallel_world_size() > 1
@@ -285,15 +303,18 @@ class Trainer:
             overlap_grad_reduce=self.overlap_grad_reduce,
             use_distributed_optimizer=uses_distributed_optimizer(cfg.optim, cfg.parallel.distributed_optimizer),
         )
-        self.model = DistributedDataParallel(config=policy.config, ddp_config=ddp_config, module=module)
+        self.model_chunks = pipeline.wrap_chunks(modules, policy.config, ddp_config)
+        self.model = self.model_chunks[0]
         self.policy = policy
-        self.optimizer = build_optimizer(cfg.optim, [self.model], self.dtype, cfg.parallel.distributed_optimizer)
+        self.optimizer = build_optimizer(cfg.optim, self.model_chunks, self.dtype, cfg.parallel.distributed_optimizer)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
         config = policy.config
         config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = self.model.no_sync
-        # With overlap, the schedules start each bucket's reduction from the last micro-batch's backward.
-        config.grad_sync_func = self.model.start_grad_sync if self.overlap_grad_reduce else None
+        config.no_sync_func = pipeline.no_sync_func(self.model_chunks)
+        # With overlap, the schedules start each bucket's reduction from the last micro-batch's backward
+        # (one function per chunk under the interleaved schedule).
+        grad_syncs = [chunk.start_grad_sync for chunk in self.model_chunks]
+        config.grad_sync_func = (grad_syncs[0] if len(grad_syncs) == 1 else grad_syncs) if self.overlap_grad_reduce else None
         self.performance_paths = {
             "logprobs": self.logprob_impl,
             "response_rows_only": True,
@@ -302,7 +323,7 @@ class Trainer:
         }
         _log("performance paths: " + ", ".join(f"{k}={v}" for k, v in self.performance_paths.items()))
         config.grad_scale_func = self.optimizer.scale_loss if self.dtype == torch.float16 else None
-        self.num_params = sum(p.numel() for p in policy.parameters())
+        self.num_params = sum(p.numel() for chunk in self.policies for p in chunk.parameters())
 
     # ---- opponent precompute ------------------------------------------------------------------------
     def _precompute_opponent(self) -> dict:
@@ -321,22 +342,25 @@ class Trainer:
         mbs = self.cfg.train.micro_batch_size
         # Forward-only passes need no data-parallel synchronisation, so DP ranks may run unequal counts.
         mine = list(range(parallel_state.get_data_parallel_rank(), n, self.dp_size))
-        batches = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
+        batches = pipeline.pad_microbatches([mine[i : i + mbs] for i in range(0, len(mine), mbs)], self.layout)
         chosen = torch.zeros(n, dtype=torch.float64, device=_device())
         rejected = torch.zeros(n, dtype=torch.float64, device=_device())
         data = _MicroBatches(self.dataset, batches, self.pad_id, None, self.pad_multiple)
-        self.model.eval()
+        longest = math.ceil(self.cfg.data.max_length / self.pad_multiple) * self.pad_multiple
+        for chunk in self.model_chunks:
+            chunk.eval()
         with torch.no_grad():
             outputs = get_forward_backward_func()(
                 forward_step_func=make_logprob_step(),
-                data_iterator=iter(data),
-                model=[self.model],
+                data_iterator=pipeline.data_iterators(data, self.model_chunks, self.pad_id, fixed_length=longest),
+                model=self.model_chunks,
                 num_microbatches=len(batches),
                 seq_length=self.cfg.data.max_length,
                 micro_batch_size=2 * mbs,
                 forward_only=True,
             )
-        self.model.train()
+        for chunk in self.model_chunks:
+            chunk.train()
         if parallel_state.is_pipeline_last_stage():
             for out in outputs:
                 idx = out["index"].to(chosen.device)
@@ -363,7 +387,7 @@ class Trainer:
         return train_ckpt.save(
             self.workdir,
             step,
-            self.policy,
+            self.policies,
             self.optimizer,
             self.scheduler,
             {"total_steps": self.total_steps, "config": config_to_dict(self.cfg)},
@@ -405,7 +429,7 @@ class Trainer:
         start_step = 0
         latest = train_ckpt.latest_checkpoint(self.workdir)
         if latest is not None:
-            state = train_ckpt.load(latest, self.policy, self.optimizer, self.scheduler)
+            state = train_ckpt.load(latest, self.policies, self.optimizer, self.scheduler)
             start_step = int(state["step"])
             _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
         self._truncate_metrics(start_step)
@@ -438,12 +462,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 batches = self.sampler.microbatches_for_step(step)
                 data = _MicroBatches(self.dataset, batches, self.pad_id, opponent_table, self.pad_multiple)
-                self.model.zero_grad_buffer()
+                for chunk in self.model_chunks:
+                    chunk.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 outputs = forward_backward(
                     forward_step_func=forward_step,
-                    data_iterator=iter(data),
-                    model=[self.model],
+                    data_iterator=pipeline.data_iterators(data, self.model_chunks, self.pad_id),
+                    model=self.model_chunks,
                     num_microbatches=self.num_microbatches,
                     seq_length=cfg.data.max_length,
                     micro_batch_size=2 * cfg.train.micro_batch_size * (2 if self.fused else 1),

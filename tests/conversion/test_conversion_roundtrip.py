@@ -20,6 +20,8 @@ from spin_mega.config import ModelConfig
 
 ARCHS = list(ARCH_CONFIGS)
 WORKER = Path(__file__).with_name("conv_mcore_worker.py")
+# The layouts the worker re-saves from: TP 2, PP 2, PP 2 split [3, 1], PP 2 x VPP 2 (chunks of one layer).
+LAYOUTS = ("tp2", "pp2", "pp2_uneven", "pp2_vpp2")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def megatron_runs(sources) -> dict:
     runs = {}
     for arch, task in zip(ARCHS, tasks, strict=True):
         out = Path(task["out"])
-        for layout in ("tp2", "pp2"):
+        for layout in LAYOUTS:
             mcore_to_hf(out / layout, out / f"hf_{layout}")
         runs[arch] = out
     return runs
@@ -170,7 +172,7 @@ def test_rope_scaling_survives(sources, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_roundtrip_through_resharded_megatron_is_bit_exact(sources, megatron_runs, arch, layout):
     assert_same_tensors(sources[arch]["hf"], megatron_runs[arch] / f"hf_{layout}")
 
@@ -199,7 +201,9 @@ def test_converted_checkpoint_has_megatrons_own_layout(sources, megatron_runs, a
         }
 
     converted = layout(sources[arch]["mcore"])
-    assert converted == layout(megatron_runs[arch] / "pp2")
+    # Interleaved and uneven stages save the same global tensors: layer numbers do not depend on the split.
+    for pipeline_layout in ("pp2", "pp2_uneven", "pp2_vpp2"):
+        assert converted == layout(megatron_runs[arch] / pipeline_layout), pipeline_layout
     assert converted.keys() == layout(megatron_runs[arch] / "tp2").keys()
 
 
