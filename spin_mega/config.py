@@ -61,10 +61,11 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     # SFT data for generation, or SPIN pair rows (prompt, chosen, rejected) for `train`: a .jsonl,
-    # .json or .parquet file, or a directory written by `datasets.Dataset.save_to_disk`.
+    # .json or .parquet file, a directory written by `datasets.Dataset.save_to_disk`, a folder of parquet
+    # shards or a dataset name in the datasets cache, either of the last two as SOURCE:SPLIT.
     train_path: Optional[str] = None
     eval_path: Optional[str] = None
-    schema: Literal["auto", "ultrachat", "prompt_response", "pairs"] = "auto"
+    schema: Literal["auto", "ultrachat", "prompt_response", "pairs", "spin"] = "auto"
     tokenizer: Optional[str] = None  # defaults to the start model's directory
     max_prompt_length: int = 256
     max_length: int = 512
@@ -139,6 +140,9 @@ class IterationConfig:
     # recipe trained iteration t on the pairs of t-1 and t).
     mix_previous_iterations: int = 1
     num_prompts: Optional[int] = None  # prompts sampled from the SFT data per iteration; None: all
+    # False: every iteration uses the same prompt sample (the authors reused one 50k set); true: each
+    # iteration draws its own.
+    resample_prompts: bool = False
 
 
 @dataclass

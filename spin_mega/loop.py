@@ -186,11 +186,16 @@ class SpinLoop:
     def _prompts(self, t: int, it_dir: Path) -> None:
         from spin_mega.data import drop_incomplete, load_rows, subsample
 
-        rows = load_rows(self.sft_data, self.cfg.data.schema)
+        counts: dict = {}
+        rows = load_rows(self.sft_data, self.cfg.data.schema, counts=counts)
         rows, skipped = drop_incomplete(rows)
         if skipped:
             log(f"iteration {t}: {skipped} SFT rows without a usable prompt or response skipped")
-        rows = subsample(rows, self.cfg.iterations.num_prompts, seed=self.cfg.data.shuffle_seed + t)
+        if counts["multi_turn_first_turn_only"]:
+            log(f"iteration {t}: {counts['multi_turn_first_turn_only']} multi-turn conversations contribute their first turn only")
+        draw = t if self.cfg.iterations.resample_prompts else 0
+        rows = subsample(rows, self.cfg.iterations.num_prompts, seed=self.cfg.data.shuffle_seed + draw)
+        atomic_write_json(it_dir / "prompts_counts.json", dict(counts, skipped=skipped, sampled=len(rows)))
         out = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["response"]} for r in rows]
         for r in self.heldout_rows:
             out.append({"prompt_id": HELDOUT_PREFIX + str(r["prompt_id"]), "prompt": r["prompt"], "response": r["response"]})
@@ -204,9 +209,9 @@ class SpinLoop:
             return []
         rows = read_jsonl(path) if str(path).endswith(".jsonl") else None
         if rows is None:
-            from spin_mega.data import load_rows
+            from spin_mega.generation.runner import load_sft_rows
 
-            rows = [dict(r) for r in load_rows(path, "prompt_response")]
+            rows = load_sft_rows(path, "auto")
         for i, r in enumerate(rows):
             r.setdefault("prompt_id", f"heldout-{i}")
         return rows[: self.cfg.eval.max_samples]
@@ -308,6 +313,7 @@ class SpinLoop:
                 "mean_response_tokens": mean_tokens("rejected"),
                 "mean_chosen_tokens": mean_tokens("chosen"),
             },
+            "prompts": json.loads((it_dir / "prompts_counts.json").read_text()) if (it_dir / "prompts_counts.json").is_file() else None,
         }
 
     def write_summary(self, extra: Optional[dict] = None) -> dict:

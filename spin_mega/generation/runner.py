@@ -207,8 +207,6 @@ def generate(
     check_shard(shard_index, num_shards)
     model_dir = check_model_dir(model_dir)
     final = Path(out) if num_shards == 1 else shard_path(out, shard_index, num_shards)
-    if isinstance(data, (str, os.PathLike)) and not Path(data).exists():
-        raise DataError(f"data file {data} does not exist")
     rows = load_sft_rows(data, data_cfg.schema)
     if num_prompts is not None:
         if num_prompts < 1:
