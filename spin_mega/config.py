@@ -73,6 +73,11 @@ class DataConfig:
     prompt_truncation: Literal["drop", "keep_end"] = "keep_end"
     max_samples: Optional[int] = None
     shuffle_seed: int = 1234
+    # Chat-template options of the model's SFT, applied alike in generation, training and evaluation
+    # (data/chat.py): a system turn put before prompts that have none ("" for zephyr-7b-sft-full's empty
+    # one; null: none), and BOS: "auto" adds the tokenizer's BOS when the template does not write it.
+    system_prompt: Optional[str] = None
+    add_bos: Literal["auto", "never"] = "auto"
 
 
 @dataclass
@@ -151,6 +156,11 @@ class EvalConfig:
     max_samples: int = 64
     max_new_tokens: int = 32
     lm_eval_tasks: list[str] = field(default_factory=list)
+    # lm-evaluation-harness (spin_mega/leaderboard.py): entries TASK or TASK:SHOTS, or the preset
+    # open_llm_leaderboard_v1; a folder of extra task YAMLs; requests per batch; examples per task (None: all).
+    lm_eval_include_path: Optional[str] = None
+    lm_eval_batch_size: int = 8
+    lm_eval_limit: Optional[int] = None
 
 
 @dataclass

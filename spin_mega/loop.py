@@ -286,7 +286,7 @@ class SpinLoop:
         from spin_mega.evaluation import evaluate
 
         pairs = read_jsonl(heldout_pairs) if heldout_pairs and heldout_pairs.is_file() else None
-        result = evaluate(model_dir, self.heldout_rows, self.cfg.eval, opponent_dir=opponent, heldout_pairs=pairs)
+        result = evaluate(model_dir, self.heldout_rows, self.cfg.eval, opponent_dir=opponent, heldout_pairs=pairs, chat=self.cfg.data)
         atomic_write_json(out, result)
 
     def _iteration_summary(self, t: int) -> dict:
@@ -340,7 +340,7 @@ class SpinLoop:
             raise SpinMegaError("data.train_path is not set: point it at the SFT data (prompt, response)")
         self._write_config()
         self._import_start()
-        if self.heldout_rows:
+        if self.heldout_rows or self.cfg.eval.lm_eval_tasks:
             self._stage(self.workdir, "baseline_eval", "evaluate theta_0",
                         lambda: self._evaluate(self.hf_model(0), self.workdir / "baseline_eval.json", None, None))
         try:
@@ -354,7 +354,7 @@ class SpinLoop:
                 self._stage(it_dir, "train", f"iteration {t + 1}/{n}: train theta_{t + 1}", lambda: self._train(t, it_dir))
                 self._stage(it_dir, "export", f"iteration {t + 1}/{n}: export theta_{t + 1} to HF",
                             lambda: self._export(self.mcore_model(t + 1), it_dir / "hf"))
-                if self.heldout_rows:
+                if self.heldout_rows or self.cfg.eval.lm_eval_tasks:
                     self._stage(it_dir, "eval", f"iteration {t + 1}/{n}: evaluate theta_{t + 1}",
                                 lambda: self._evaluate(it_dir / "hf", it_dir / "eval.json", self.hf_model(t), it_dir / "heldout_generations.jsonl"))
                 else:

@@ -123,11 +123,11 @@ def prepare_prompts(tokenizer: Any, rows: Sequence[dict], data_config: Optional[
     tokens; over `max_prompt_length` tokens, dropped or cut to its last tokens per
     `prompt_truncation`), so the model samples from exactly the prefix it is later trained on.
     Returns the prompts kept and how many were dropped."""
-    from spin_mega.data.chat import render_prompt
+    from spin_mega.data.chat import encode_prompts, render_prompt
 
     cfg = data_config or DataConfig()
-    texts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    texts = [render_prompt(tokenizer, row["prompt"], cfg) for row in rows]
+    encoded = encode_prompts(tokenizer, texts, cfg)
     prepared, dropped = [], 0
     for k, (row, text, ids) in enumerate(zip(rows, texts, encoded)):
         if len(ids) > cfg.max_prompt_length:
