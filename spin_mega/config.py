@@ -289,10 +289,18 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> SpinCo
     return cfg
 
 
+# Shipped configurations reachable by a short name in place of a file (spin-mega run paper ...).
+PRESETS = {"paper": "zephyr-7b-spin-paper.yaml", "tiny-cpu": "tiny-cpu.yaml", "zephyr-7b-spin": "zephyr-7b-spin.yaml"}
+
+
 def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> SpinConfig:
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file() and str(path) in PRESETS:
+            import spin_mega.configs
+
+            path = Path(spin_mega.configs.__file__).parent / PRESETS[str(path)]
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
