@@ -162,7 +162,7 @@ def _read_named(name: str, split: Optional[str]) -> datasets.Dataset:
 
 def _read(path: Path, split: Optional[str] = None) -> datasets.Dataset:
     if not path.exists():
-        if _DATASET_NAME.match(str(path)) and not str(path).startswith("."):
+        if _DATASET_NAME.match(str(path)) and path.suffix.lower() not in _SUFFIXES:
             return _read_named(str(path), split)
         raise DataError(f"data file {path} does not exist")
     if path.is_dir() and not (path / "dataset_dict.json").is_file() and not (path / "dataset_info.json").is_file():
