@@ -19,6 +19,8 @@ import yaml
 
 from tests.support import read_metrics, spin_mega, write_pairs
 
+pytestmark = pytest.mark.slow  # two training runs and two exports (about a minute on an idle 2-core machine)
+
 NUM_PAIRS = 16
 
 
