@@ -72,10 +72,11 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     # SFT data for generation, or SPIN pair rows (prompt, chosen, rejected) for `train`: a .jsonl,
-    # .json or .parquet file, or a directory written by `datasets.Dataset.save_to_disk`.
+    # .json or .parquet file, a directory written by `datasets.Dataset.save_to_disk`, a folder of parquet
+    # shards or a dataset name in the datasets cache, either of the last two as SOURCE:SPLIT.
     train_path: Optional[str] = None
     eval_path: Optional[str] = None
-    schema: Literal["auto", "ultrachat", "prompt_response", "pairs"] = "auto"
+    schema: Literal["auto", "ultrachat", "prompt_response", "pairs", "spin"] = "auto"
     tokenizer: Optional[str] = None  # defaults to the start model's directory
     max_prompt_length: int = 256
     max_length: int = 512
@@ -83,6 +84,11 @@ class DataConfig:
     prompt_truncation: Literal["drop", "keep_end"] = "keep_end"
     max_samples: Optional[int] = None
     shuffle_seed: int = 1234
+    # Chat-template options of the model's SFT, applied alike in generation, training and evaluation
+    # (data/chat.py): a system turn put before prompts that have none ("" for zephyr-7b-sft-full's empty
+    # one; null: none), and BOS: "auto" adds the tokenizer's BOS when the template does not write it.
+    system_prompt: Optional[str] = None
+    add_bos: Literal["auto", "never"] = "auto"
 
 
 @dataclass
@@ -159,6 +165,9 @@ class IterationConfig:
     # recipe trained iteration t on the pairs of t-1 and t).
     mix_previous_iterations: int = 1
     num_prompts: Optional[int] = None  # prompts sampled from the SFT data per iteration; None: all
+    # False: every iteration uses the same prompt sample (the authors reused one 50k set); true: each
+    # iteration draws its own.
+    resample_prompts: bool = False
 
 
 @dataclass
@@ -167,6 +176,11 @@ class EvalConfig:
     max_samples: int = 64
     max_new_tokens: int = 32
     lm_eval_tasks: list[str] = field(default_factory=list)
+    # lm-evaluation-harness (spin_mega/leaderboard.py): entries TASK or TASK:SHOTS, or the preset
+    # open_llm_leaderboard_v1; a folder of extra task YAMLs; requests per batch; examples per task (None: all).
+    lm_eval_include_path: Optional[str] = None
+    lm_eval_batch_size: int = 8
+    lm_eval_limit: Optional[int] = None
 
 
 @dataclass
@@ -301,10 +315,18 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> SpinCo
     return cfg
 
 
+# Shipped configurations reachable by a short name in place of a file (spin-mega run paper ...).
+PRESETS = {"paper": "zephyr-7b-spin-paper.yaml", "tiny-cpu": "tiny-cpu.yaml", "zephyr-7b-spin": "zephyr-7b-spin.yaml"}
+
+
 def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> SpinConfig:
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file() and str(path) in PRESETS:
+            import spin_mega.configs
+
+            path = Path(spin_mega.configs.__file__).parent / PRESETS[str(path)]
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -7,7 +7,8 @@
   log p_new(y'|x) - log p_opp(y'|x).
 - exact_match: the task metric where the held-out rows carry an `answer`: greedy decoding, answer
   extracted as the text after the last "is " or ": " without the closing full stop (the demo's style).
-- lm-evaluation-harness tasks, when `eval.lm_eval_tasks` is set and the harness and its data are installed.
+- lm-evaluation-harness tasks, when `eval.lm_eval_tasks` is set (spin_mega/leaderboard.py: the Open LLM
+  Leaderboard v1 set with its few-shot counts, batched, offline).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from spin_mega.config import EvalConfig
-from spin_mega.data.chat import render_prompt, render_response
+from spin_mega.config import DataConfig, EvalConfig
+from spin_mega.data.chat import encode_prompt, render_response
 from spin_mega.errors import SpinMegaError
 
 
@@ -44,9 +45,10 @@ def _load_hf(model_dir: str | Path):
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, pairs: Sequence[tuple[Any, str]], batch_size: int = 16) -> list[tuple[float, int]]:
+def response_logprobs(model, tokenizer, pairs: Sequence[tuple[Any, str]], batch_size: int = 16,
+                      chat: Optional[DataConfig] = None) -> list[tuple[float, int]]:
     """(sum of response-token log-probs, number of response tokens) per (prompt, response), rendered and
-    tokenized exactly as training does."""
+    tokenized exactly as training does (`chat`: the run's DataConfig with its chat-template options)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     results: list[tuple[float, int]] = []
@@ -54,7 +56,7 @@ def response_logprobs(model, tokenizer, pairs: Sequence[tuple[Any, str]], batch_
         chunk = pairs[start : start + batch_size]
         encoded = []
         for prompt, response in chunk:
-            p = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            p = encode_prompt(tokenizer, prompt, chat)
             r = tokenizer(render_response(tokenizer, response), add_special_tokens=False)["input_ids"]
             encoded.append((p, r))
         width = max(len(p) + len(r) for p, r in encoded)
@@ -76,16 +78,14 @@ def response_logprobs(model, tokenizer, pairs: Sequence[tuple[Any, str]], batch_
 
 
 @torch.no_grad()
-def greedy_responses(model, tokenizer, prompts: list[Any], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def greedy_responses(model, tokenizer, prompts: list[Any], max_new_tokens: int, batch_size: int = 32,
+                     chat: Optional[DataConfig] = None) -> list[str]:
     """Greedy responses with transformers: deterministic, and for a few prompts cheaper than an engine start."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [
-            tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
-            for p in prompts[start : start + batch_size]
-        ]
+        encoded = [encode_prompt(tokenizer, p, chat) for p in prompts[start : start + batch_size]]
         width = max(len(e) for e in encoded)
         # Left padding: generation continues every row from its own last prompt token.
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -112,20 +112,32 @@ def evaluate(
     cfg: EvalConfig,
     opponent_dir: Optional[str | Path] = None,
     heldout_pairs: Optional[Sequence[dict]] = None,
+    chat: Optional[DataConfig] = None,
 ) -> dict:
-    """`heldout` rows: prompt, response[, answer]; `heldout_pairs` rows: prompt, chosen, rejected."""
+    """`heldout` rows: prompt, response[, answer]; `heldout_pairs` rows: prompt, chosen, rejected; `chat`:
+    the run's DataConfig, whose chat-template options render prompts as generation and training did.
+    Without held-out rows only the lm-evaluation-harness tasks run."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise SpinMegaError(f"cannot evaluate {model_dir}: not an HF model directory")
     rows = list(heldout)[: cfg.max_samples]
-    if not rows:
-        raise SpinMegaError("no held-out rows to evaluate on")
+    if not rows and not cfg.lm_eval_tasks:
+        raise SpinMegaError("no held-out rows to evaluate on, and no eval.lm_eval_tasks")
+    result: dict[str, Any] = {"model": str(model_dir), "num_samples": len(rows)}
+    if rows:
+        result.update(_heldout_metrics(model_dir, rows, cfg, opponent_dir, heldout_pairs, chat))
+    if cfg.lm_eval_tasks:
+        from spin_mega.leaderboard import run_lm_eval
+
+        result["lm_eval"] = run_lm_eval(model_dir, cfg)
+    return result
+
+
+def _heldout_metrics(model_dir: Path, rows: list[dict], cfg: EvalConfig, opponent_dir, heldout_pairs, chat) -> dict:
     model, tokenizer = _load_hf(model_dir)
-    scored = response_logprobs(model, tokenizer, [(r["prompt"], r["response"]) for r in rows])
+    scored = response_logprobs(model, tokenizer, [(r["prompt"], r["response"]) for r in rows], chat=chat)
     total_tokens = sum(n for _, n in scored)
     result: dict[str, Any] = {
-        "model": str(model_dir),
-        "num_samples": len(rows),
         "heldout_logp_per_token": sum(s for s, _ in scored) / max(total_tokens, 1),
         "heldout_reward_accuracy": None,
         "exact_match": None,
@@ -134,9 +146,9 @@ def evaluate(
     pairs = [p for p in (heldout_pairs or []) if str(p["rejected"]).strip() != str(p["chosen"]).strip()][: cfg.max_samples]
     if opponent_dir is not None and pairs:
         texts = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
-        new = response_logprobs(model, tokenizer, texts)
+        new = response_logprobs(model, tokenizer, texts, chat=chat)
         opp_model, opp_tok = _load_hf(opponent_dir)
-        old = response_logprobs(opp_model, opp_tok, texts)
+        old = response_logprobs(opp_model, opp_tok, texts, chat=chat)
         del opp_model
         n = len(pairs)
         wins = sum(
@@ -144,22 +156,10 @@ def evaluate(
         )
         result["heldout_reward_accuracy"] = wins / n
     if all("answer" in r and r["answer"] is not None for r in rows):
-        responses = greedy_responses(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens)
+        responses = greedy_responses(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, chat=chat)
         hits = [extract_answer(text) == str(r["answer"]).strip() for text, r in zip(responses, rows)]
         result["exact_match"] = sum(hits) / len(hits)
         result["examples"] = [
             {"prompt": r["prompt"], "answer": r["answer"], "response": text} for r, text in list(zip(rows, responses))[:5]
         ]
-    if cfg.lm_eval_tasks:
-        result["lm_eval"] = _lm_eval(model_dir, cfg.lm_eval_tasks)
     return result
-
-
-def _lm_eval(model_dir: Path, tasks: list[str]) -> dict:
-    """Optional hook: runs lm-evaluation-harness when it and the tasks' data are installed locally."""
-    try:
-        import lm_eval
-    except ImportError:
-        raise SpinMegaError("eval.lm_eval_tasks is set but lm-evaluation-harness is not installed (pip install lm-eval)") from None
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=tasks)
-    return {task: metrics for task, metrics in out.get("results", {}).items()}

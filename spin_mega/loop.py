@@ -186,11 +186,16 @@ class SpinLoop:
     def _prompts(self, t: int, it_dir: Path) -> None:
         from spin_mega.data import drop_incomplete, load_rows, subsample
 
-        rows = load_rows(self.sft_data, self.cfg.data.schema)
+        counts: dict = {}
+        rows = load_rows(self.sft_data, self.cfg.data.schema, counts=counts)
         rows, skipped = drop_incomplete(rows)
         if skipped:
             log(f"iteration {t}: {skipped} SFT rows without a usable prompt or response skipped")
-        rows = subsample(rows, self.cfg.iterations.num_prompts, seed=self.cfg.data.shuffle_seed + t)
+        if counts["multi_turn_first_turn_only"]:
+            log(f"iteration {t}: {counts['multi_turn_first_turn_only']} multi-turn conversations contribute their first turn only")
+        draw = t if self.cfg.iterations.resample_prompts else 0
+        rows = subsample(rows, self.cfg.iterations.num_prompts, seed=self.cfg.data.shuffle_seed + draw)
+        atomic_write_json(it_dir / "prompts_counts.json", dict(counts, skipped=skipped, sampled=len(rows)))
         out = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["response"]} for r in rows]
         for r in self.heldout_rows:
             out.append({"prompt_id": HELDOUT_PREFIX + str(r["prompt_id"]), "prompt": r["prompt"], "response": r["response"]})
@@ -204,9 +209,9 @@ class SpinLoop:
             return []
         rows = read_jsonl(path) if str(path).endswith(".jsonl") else None
         if rows is None:
-            from spin_mega.data import load_rows
+            from spin_mega.generation.runner import load_sft_rows
 
-            rows = [dict(r) for r in load_rows(path, "prompt_response")]
+            rows = load_sft_rows(path, "auto")
         for i, r in enumerate(rows):
             r.setdefault("prompt_id", f"heldout-{i}")
         return rows[: self.cfg.eval.max_samples]
@@ -300,7 +305,7 @@ class SpinLoop:
         from spin_mega.evaluation import evaluate
 
         pairs = read_jsonl(heldout_pairs) if heldout_pairs and heldout_pairs.is_file() else None
-        result = evaluate(model_dir, self.heldout_rows, self.cfg.eval, opponent_dir=opponent, heldout_pairs=pairs)
+        result = evaluate(model_dir, self.heldout_rows, self.cfg.eval, opponent_dir=opponent, heldout_pairs=pairs, chat=self.cfg.data)
         atomic_write_json(out, result)
 
     def _iteration_summary(self, t: int) -> dict:
@@ -329,6 +334,7 @@ class SpinLoop:
                 "mean_response_tokens": mean_tokens("rejected"),
                 "mean_chosen_tokens": mean_tokens("chosen"),
             },
+            "prompts": json.loads((it_dir / "prompts_counts.json").read_text()) if (it_dir / "prompts_counts.json").is_file() else None,
         }
 
     def write_summary(self, extra: Optional[dict] = None) -> dict:
@@ -355,7 +361,7 @@ class SpinLoop:
             raise SpinMegaError("data.train_path is not set: point it at the SFT data (prompt, response)")
         self._write_config()
         self._import_start()
-        if self.heldout_rows:
+        if self.heldout_rows or self.cfg.eval.lm_eval_tasks:
             self._stage(self.workdir, "baseline_eval", "evaluate theta_0",
                         lambda: self._evaluate(self.hf_model(0), self.workdir / "baseline_eval.json", None, None))
         try:
@@ -369,7 +375,7 @@ class SpinLoop:
                 self._stage(it_dir, "train", f"iteration {t + 1}/{n}: train theta_{t + 1}", lambda: self._train(t, it_dir))
                 self._stage(it_dir, "export", f"iteration {t + 1}/{n}: export theta_{t + 1} to HF",
                             lambda: self._export(self.mcore_model(t + 1), it_dir / "hf"))
-                if self.heldout_rows:
+                if self.heldout_rows or self.cfg.eval.lm_eval_tasks:
                     self._stage(it_dir, "eval", f"iteration {t + 1}/{n}: evaluate theta_{t + 1}",
                                 lambda: self._evaluate(it_dir / "hf", it_dir / "eval.json", self.hf_model(t), it_dir / "heldout_generations.jsonl"))
                 else:

@@ -1,13 +1,17 @@
-"""Prompt rendering shared by generation and training.
+"""Prompt rendering shared by generation, training and evaluation.
 
 The authors' scripts rendered prompts one way for generation and another for training (a known
-confound, DESIGN.md); here both call `render_prompt`, so the model is trained on exactly the prefix it
-generated from, byte for byte.
+confound, DESIGN.md); here all three call `render_prompt` for the text and `encode_prompts` for its
+token ids, so the model is trained and evaluated on exactly the prefix it generated from.
+
+The chat-template options a model's SFT used (DataConfig.system_prompt, DataConfig.add_bos) are applied
+here and nowhere else: zephyr-7b-sft-full was trained with an empty system turn before each user turn,
+and with the tokenizer's BOS in front of a template that does not write one itself.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 from spin_mega.errors import DataError
 
@@ -36,11 +40,44 @@ def require_chat_template(tokenizer: Any) -> None:
         )
 
 
-def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
+def render_prompt(tokenizer: Any, prompt: Prompt, options: Any = None) -> str:
     """The exact text the model sees before its response: the chat template applied to the prompt turns
-    with the generation prompt (the assistant header) appended."""
+    with the generation prompt (the assistant header) appended. `options` (a DataConfig) with a
+    `system_prompt` (an empty string included) puts that system turn first when the prompt has none."""
     require_chat_template(tokenizer)
-    return tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
+    messages = prompt_messages(prompt)
+    system = getattr(options, "system_prompt", None)
+    if system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system}] + messages
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS in front of text on its own (add_special_tokens=True), as an SFT
+    script that tokenized the rendered chat text got it."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def encode_prompts(tokenizer: Any, texts: Sequence[str], options: Any = None) -> list[list[int]]:
+    """Token ids of rendered prompts. With `add_bos` "auto" (the default) a tokenizer that adds BOS on its
+    own gets it here too, once: not again when the chat template already wrote it (a double BOS shifts
+    every position the model saw in SFT). "never" leaves the ids as the template's text gives them."""
+    if not texts:
+        return []
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if getattr(options, "add_bos", "auto") != "auto" or not _adds_bos(tokenizer):
+        return [list(ids) for ids in encoded]
+    bos = tokenizer.bos_token_id
+    return [list(ids) if ids and ids[0] == bos else [bos, *ids] for ids in encoded]
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, options: Any = None) -> list[int]:
+    """`render_prompt` then `encode_prompts` for one prompt."""
+    return encode_prompts(tokenizer, [render_prompt(tokenizer, prompt, options)], options)[0]
 
 
 def render_response(tokenizer: Any, response: str) -> str:

@@ -4,6 +4,14 @@ Normalised SFT rows: `prompt_id` (str), `prompt` (str, or a list of {role, conte
 Normalised pair rows: `prompt_id`, `prompt`, `chosen`, `rejected`, and, when the file has them,
 `opponent_chosen_logp` and `opponent_rejected_logp`.
 
+Where the data comes from (`load_rows`'s `path`): a .jsonl/.json/.parquet file, a `save_to_disk`
+directory, a folder of parquet shards as the Hub downloads them (`data/train_sft-00000-of-00003.parquet`,
+one split chosen as `FOLDER:SPLIT`), or a dataset name resolved offline through the `datasets` cache
+(`HuggingFaceH4/ultrachat_200k:train_sft`). Published layouts read as they are: UltraChat-200k's
+`messages` (schema `ultrachat`, the first user turn and its reply, as the SPIN authors used it) and
+`UCLA-AGI/SPIN_iter*`'s `real` and `generated` message lists (schema `spin`: chosen = real, rejected =
+generated).
+
 Bad rows (a missing or non-string field) are kept as they are: the consumer decides, and counts, what
 it skips (`tokenize_pairs` does; `drop_incomplete` is the shortcut for generation). Only problems with
 the file as a whole raise a `DataError`.
@@ -15,16 +23,18 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 from datasets.fingerprint import is_caching_enabled
 
 from spin_mega.errors import DataError
 
-SCHEMAS = ("auto", "ultrachat", "prompt_response", "pairs")
+SCHEMAS = ("auto", "ultrachat", "prompt_response", "pairs", "spin")
 SFT_COLUMNS = ("prompt_id", "prompt", "response")
 PAIR_COLUMNS = ("prompt_id", "prompt", "chosen", "rejected")
 OPPONENT_COLUMNS = ("opponent_chosen_logp", "opponent_rejected_logp")
@@ -33,7 +43,11 @@ _REQUIRED = {
     "ultrachat": ("messages",),
     "prompt_response": ("prompt", "response"),
     "pairs": ("prompt", "chosen", "rejected"),
+    "spin": ("real", "generated"),
 }
+# Hub shard names: SPLIT-00000-of-00003.parquet, optionally followed by a content hash.
+_SHARD_NAME = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}(?:-[0-9a-f]+)?\.parquet$")
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -70,18 +84,91 @@ def detect_schema(columns: list[str], source: str = "the data") -> str:
     """The schema implied by a set of column names; pairs win over SFT columns because a pairs file may
     also carry the SFT columns it was generated from."""
     present = set(columns)
-    for schema in ("pairs", "ultrachat", "prompt_response"):
+    for schema in ("pairs", "spin", "ultrachat", "prompt_response"):
         if set(_REQUIRED[schema]) <= present:
             return schema
     raise DataError(
         f"{source}: cannot tell its schema from its columns ({', '.join(sorted(present)) or 'none'}); expected "
-        "prompt+chosen+rejected (pairs), messages (ultrachat) or prompt+response (prompt_response)"
+        "prompt+chosen+rejected (pairs), real+generated (spin), messages (ultrachat) or prompt+response (prompt_response)"
     )
 
 
-def _read(path: Path) -> datasets.Dataset:
+def split_source(spec: str | os.PathLike) -> tuple[str, Optional[str]]:
+    """(file, folder or dataset name; split) of a data source written `SOURCE` or `SOURCE:SPLIT`."""
+    text = os.fspath(spec)
+    if Path(text).exists() or ":" not in text:
+        return text, None
+    base, split = text.rsplit(":", 1)
+    if not base or not split or "/" in split:
+        return text, None
+    return base, split
+
+
+def _shard_splits(folder: Path) -> dict[str, list[Path]]:
+    """The parquet files under `folder` grouped by split: the name's prefix for Hub shard names, else
+    the folder holding the file (`train/0000.parquet`)."""
+    splits: dict[str, list[Path]] = {}
+    for f in sorted(folder.rglob("*.parquet")):
+        match = _SHARD_NAME.match(f.name)
+        name = match["split"] if match else (f.parent.name if f.parent != folder else "train")
+        splits.setdefault(name, []).append(f)
+    return splits
+
+
+def _choose_split(source: str, splits: list[str], split: Optional[str]) -> str:
+    if split is None:
+        if len(splits) == 1:
+            return splits[0]
+        raise DataError(f"{source} holds the splits {', '.join(splits)}; name one as {source}:SPLIT, e.g. {source}:{splits[0]}")
+    if split not in splits:
+        raise DataError(f"{source} has no split '{split}' (its splits: {', '.join(splits)})")
+    return split
+
+
+def _read_shards(folder: Path, split: Optional[str]) -> datasets.Dataset:
+    splits = _shard_splits(folder)
+    if not splits:
+        raise DataError(f"{folder} is a directory but not one written by datasets.Dataset.save_to_disk, nor a folder of parquet shards")
+    split = _choose_split(str(folder), sorted(splits), split)
+    try:
+        # datasets cannot read a shard of zero rows; the count is in each file's footer.
+        if sum(pq.ParquetFile(f).metadata.num_rows for f in splits[split]) == 0:
+            raise DataError(f"{folder}:{split} holds no rows")
+        return datasets.Dataset.from_parquet([str(f) for f in splits[split]])
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{folder}:{split} could not be read as parquet: {_cause(exc)}") from None
+
+
+def _read_named(name: str, split: Optional[str]) -> datasets.Dataset:
+    """A dataset loaded before (`datasets.load_dataset(name)` or a download into the datasets cache),
+    read from that cache with the Hub never contacted: runs do not depend on the network."""
+    previous = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        loaded = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
+    except Exception as exc:
+        raise DataError(
+            f"{name} is neither a file nor a directory, and the datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
+            f"cannot provide it{f' with split {split}' if split else ''}: {_cause(exc)}"
+        ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = previous
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded[_choose_split(name, sorted(loaded), None)]
+    return loaded
+
+
+def _read(path: Path, split: Optional[str] = None) -> datasets.Dataset:
     if not path.exists():
+        if _DATASET_NAME.match(str(path)) and path.suffix.lower() not in _SUFFIXES:
+            return _read_named(str(path), split)
         raise DataError(f"data file {path} does not exist")
+    if path.is_dir() and not (path / "dataset_dict.json").is_file() and not (path / "dataset_info.json").is_file():
+        return _read_shards(path, split)
+    if split is not None:
+        raise DataError(f"{path}:{split}: a split can only be chosen in a folder of parquet shards or a cached dataset")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = sorted(p.name for p in path.iterdir() if (p / "dataset_info.json").is_file())
@@ -152,14 +239,18 @@ def _logp(value: Any) -> Optional[float]:
     return None
 
 
-def _split_conversation(messages: Any, prompt_column: Any) -> tuple[Any, Any]:
+def _split_conversation(messages: Any, prompt_column: Any, where: Callable[[], str]) -> tuple[Any, Any]:
     """(prompt, response) of an UltraChat-style conversation: the prompt is the user turn (the one whose
     text equals the `prompt` column when there is one, else the first) with any turns before it, the
-    response the first assistant turn after it. Unusable conversations give (None, None)."""
+    response the first assistant turn after it; later turns of a multi-turn conversation are not used
+    (the SPIN authors trained on the first turn). A conversation with no user turn, and no `prompt`
+    column to stand for it, raises a `DataError` naming `where()` (file, row and column)."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         return None, None
     user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not user_turns:
+        if not is_valid_prompt(prompt_column):
+            raise DataError(f"{where()} is a message list with no user turn, so it has no prompt")
         reply = next((m.get("content") for m in messages if m["role"] == "assistant"), None)
         return prompt_column, reply
     u = next((i for i in user_turns if messages[i].get("content") == prompt_column), user_turns[0])
@@ -169,18 +260,28 @@ def _split_conversation(messages: Any, prompt_column: Any) -> tuple[Any, Any]:
     return [{"role": m["role"], "content": m.get("content")} for m in messages[: u + 1]], reply
 
 
-def _normaliser(schema: str, columns: set[str]) -> Callable[[dict], dict]:
+def _normaliser(schema: str, columns: set[str], source: str) -> Callable[[dict, list[int]], dict]:
     has_id = "prompt_id" in columns
     has_logps = all(c in columns for c in OPPONENT_COLUMNS)
 
-    def normalise(batch: dict) -> dict:
+    def normalise(batch: dict, indices: list[int]) -> dict:
         n = len(next(iter(batch.values())))
         ids = batch["prompt_id"] if has_id else [None] * n
+
+        def where(column: str, k: int) -> Callable[[], str]:
+            return lambda: f"{source}: row {indices[k] + 1}, column '{column}'"
+
         if schema == "ultrachat":
             prompts_in = batch["prompt"] if "prompt" in batch else [None] * n
-            split = [_split_conversation(m, p) for m, p in zip(batch["messages"], prompts_in)]
+            split = [_split_conversation(m, p, where("messages", k)) for k, (m, p) in enumerate(zip(batch["messages"], prompts_in))]
             prompts = [p for p, _ in split]
             out = {"response": [r for _, r in split]}
+        elif schema == "spin":
+            real = [_split_conversation(m, None, where("real", k)) for k, m in enumerate(batch["real"])]
+            # The generated conversation repeats the prompt; its reply is the opponent's response.
+            generated = [_split_conversation(m, None, where("generated", k))[1] for k, m in enumerate(batch["generated"])]
+            prompts = [p for p, _ in real]
+            out = {"chosen": [r for _, r in real], "rejected": generated}
         else:
             prompts = batch["prompt"]
             if schema == "prompt_response":
@@ -195,44 +296,64 @@ def _normaliser(schema: str, columns: set[str]) -> Callable[[dict], dict]:
     return normalise
 
 
-def load_rows(path: str | os.PathLike, schema: str = "auto") -> datasets.Dataset:
-    """Reads a .jsonl, .json or .parquet file, or a `save_to_disk` directory, and returns its rows with
-    the normalised columns of `schema` (see the module docstring), in file order.
+def count_multi_turn(ds: datasets.Dataset, column: str) -> int:
+    """Rows whose conversation in `column` has more than one user turn (only the first is used)."""
+    total = 0
+    for batch in ds.select_columns([column]).iter(batch_size=4096):
+        for messages in batch[column]:
+            if isinstance(messages, list):
+                total += sum(isinstance(m, dict) and m.get("role") == "user" for m in messages) > 1
+    return total
 
-    `auto` picks `pairs` for prompt+chosen+rejected, `ultrachat` for messages, `prompt_response` for
-    prompt+response. A missing file, an unreadable one, an unknown schema or missing columns raise a
-    `DataError` naming the file.
+
+def load_rows(path: str | os.PathLike, schema: str = "auto", counts: Optional[dict] = None) -> datasets.Dataset:
+    """Reads a data source (see the module docstring: a file, a `save_to_disk` directory, a folder of
+    parquet shards or a cached dataset name, each optionally `:SPLIT`) and returns its rows with the
+    normalised columns of `schema`, in file order.
+
+    `auto` picks `pairs` for prompt+chosen+rejected, `spin` for real+generated, `ultrachat` for
+    messages, `prompt_response` for prompt+response. A missing source, an unreadable one, an empty one,
+    an unknown schema, missing columns or a conversation with no user turn raise a `DataError` naming
+    the source. `counts`, when given, receives `rows` and `multi_turn_first_turn_only` (conversations
+    with more than one user turn, of which only the first is used).
     """
-    path = Path(path)
+    spec, split = split_source(path)
+    path = Path(spec)
+    source = f"{spec}:{split}" if split else spec
     if schema not in SCHEMAS:
-        raise DataError(f"unknown data schema '{schema}' for {path}; choose one of {', '.join(SCHEMAS)}")
-    ds = _read(path)
+        raise DataError(f"unknown data schema '{schema}' for {source}; choose one of {', '.join(SCHEMAS)}")
+    ds = _read(path, split)
     if len(ds) == 0:
-        raise DataError(f"{path} holds no rows")
+        raise DataError(f"{source} holds no rows")
     columns = list(ds.column_names)
     if schema == "auto":
-        schema = detect_schema(columns, str(path))
+        schema = detect_schema(columns, source)
     missing = [c for c in _REQUIRED[schema] if c not in columns]
     if missing:
         raise DataError(
-            f"{path} lacks the column(s) {', '.join(missing)} that schema '{schema}' needs "
+            f"{source} lacks the column(s) {', '.join(missing)} that schema '{schema}' needs "
             f"(it has: {', '.join(columns)})"
         )
     if schema == "pairs":
         present = [c for c in OPPONENT_COLUMNS if c in columns]
         if len(present) == 1:
             other = next(c for c in OPPONENT_COLUMNS if c not in present)
-            raise DataError(f"{path} has the column {present[0]} but not {other}; opponent log-probs come in pairs")
+            raise DataError(f"{source} has the column {present[0]} but not {other}; opponent log-probs come in pairs")
     rows = ds.map(
-        _normaliser(schema, set(columns)),
+        _normaliser(schema, set(columns), source),
         batched=True,
+        with_indices=True,
         remove_columns=columns,
         # The outputs share names with inputs but not always types (an integer prompt_id becomes text).
         try_original_type=False,
         desc=f"normalising {schema} rows",
         **map_cache_kwargs(ds),
     )
-    if schema != "pairs":
+    if counts is not None:
+        conversation = {"ultrachat": "messages", "spin": "real"}.get(schema)
+        counts["rows"] = len(rows)
+        counts["multi_turn_first_turn_only"] = count_multi_turn(ds, conversation) if conversation else 0
+    if schema not in ("pairs", "spin"):
         order = list(SFT_COLUMNS)
     else:
         order = list(PAIR_COLUMNS) + [c for c in OPPONENT_COLUMNS if c in rows.column_names]

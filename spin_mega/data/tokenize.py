@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from spin_mega.config import DataConfig
-from spin_mega.data.chat import render_prompt, render_response, require_chat_template
+from spin_mega.data.chat import encode_prompts, render_prompt, render_response, require_chat_template
 from spin_mega.data.sources import (
     OPPONENT_COLUMNS,
     is_pair_dataset,
@@ -81,6 +81,7 @@ def _tokenize_batch(
     max_length: int,
     keep_end: bool,
     with_logps: bool,
+    options: Optional[DataConfig] = None,
 ) -> dict:
     n = len(batch["prompt"])
     status = [_KEPT] * n
@@ -97,7 +98,7 @@ def _tokenize_batch(
             status[i] = _EMPTY_RESPONSE
             continue
         try:
-            prompt_texts[i] = render_prompt(tokenizer, prompt)
+            prompt_texts[i] = render_prompt(tokenizer, prompt, options)
         except (DataError, jinja2.TemplateError):
             # A template may refuse a row's roles (e.g. no system turn allowed): that row is unusable,
             # the rest of the data is not.
@@ -108,7 +109,7 @@ def _tokenize_batch(
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
-    prompt_ids = encode([prompt_texts[i] for i in live])
+    prompt_ids = encode_prompts(tokenizer, [prompt_texts[i] for i in live], options)
     chosen_ids = encode([render_response(tokenizer, batch["chosen"][i]) for i in live])
     rejected_ids = encode([render_response(tokenizer, batch["rejected"][i]) for i in live])
 
@@ -204,6 +205,7 @@ def tokenize_pairs(
             "max_length": cfg.max_length,
             "keep_end": cfg.prompt_truncation == "keep_end",
             "with_logps": with_logps,
+            "options": cfg,
         },
         desc="tokenizing pairs",
         **map_cache_kwargs(rows),

@@ -89,6 +89,22 @@ def _comparable(summary: dict) -> list:
     ]
 
 
+def _sha256_of_safetensors(model_dir: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def loop_setup_model_dir(workdir: Path, t: int) -> Path:
+    """theta_t as the HF directory generation loaded: the start model, then each iteration's export."""
+    if t == 0:
+        return Path(yaml.safe_load((workdir / "config.yaml").read_text())["start_model"])
+    return workdir / f"iter_{t - 1}" / "hf"
+
+
 def test_two_iterations_with_vllm(straight_run):
     w = straight_run
     summary = json.loads((w / "summary.json").read_text())
@@ -112,6 +128,13 @@ def test_two_iterations_with_vllm(straight_run):
     second = {g["prompt_id"]: g["rejected"] for g in read_jsonl(w / "iter_1" / "generations.jsonl")}
     common = first.keys() & second.keys()
     assert common and any(first[k] != second[k] for k in common)
+    # Each iteration sampled from its own weights: iteration 1's rows carry the fingerprint of the exported
+    # theta_1 (iter_0/hf), not theta_0's; the hashes are computed here, from the files, independently.
+    theta = [loop_setup_model_dir(w, t) for t in (0, 1)]
+    fingerprints = [_sha256_of_safetensors(d) for d in theta]
+    assert fingerprints[0] != fingerprints[1]
+    for t in (0, 1):
+        assert {g["meta"]["model_fingerprint"] for g in read_jsonl(w / f"iter_{t}" / "generations.jsonl")} == {fingerprints[t]}
     assert (w / "report" / "report.md").is_file()
 
 

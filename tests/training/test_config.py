@@ -47,3 +47,19 @@ def test_inconsistent_values_are_rejected(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_paper_preset_is_the_authors_setting():
+    cfg = load_config("paper")
+    assert cfg == load_config(REPO / "configs" / "zephyr-7b-spin-paper.yaml")
+    g = cfg.generation
+    assert (g.temperature, g.top_p, g.max_new_tokens) == (0.0, 1.0, 256)
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (1024, 512)
+    assert cfg.data.system_prompt == "" and cfg.data.add_bos == "auto"
+    assert cfg.optim.optimizer == "rmsprop" and cfg.optim.weight_decay == 0.0
+    assert cfg.iterations.lr == [5e-7, 5e-7, 1e-7, 1e-7] and cfg.iterations.beta == [0.1, 0.1, 0.1, 5.0]
+    assert cfg.train.epochs == 2 and cfg.train.global_batch_size == 64 and cfg.iterations.num_prompts == 50000
+    assert cfg.eval.lm_eval_tasks == ["open_llm_leaderboard_v1"] and not cfg.iterations.resample_prompts
+    # The vLLM-script alternative documented in the README and the file.
+    alt = load_config("paper", ["generation.temperature=1.0", "generation.top_p=1.0"])
+    assert (alt.generation.temperature, alt.generation.top_p) == (1.0, 1.0)
