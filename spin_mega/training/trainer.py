@@ -253,7 +253,7 @@ class Trainer:
             p.tensor_parallel,
             p.pipeline_parallel,
             dtype=self.dtype,
-            sequence_parallel=p.sequence_parallel and torch.cuda.is_available(),
+            sequence_parallel=p.sequence_parallel,
             recompute=self.cfg.train.recompute_activations,
         )
         # Variable-length micro-batches (length bucketing) need shapes exchanged between stages.
