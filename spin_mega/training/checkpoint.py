@@ -30,6 +30,10 @@ from spin_mega.io import atomic_write_json, atomic_write_text
 from spin_mega.models import checkpoint as model_ckpt
 
 KEEP_LAST = 2
+# The distributed optimizer's one format that keeps the inner optimizer's own state names (RMSProp's
+# square_avg; megatron-core's other formats spell out Adam's exp_avg / exp_avg_sq) and writes each rank's
+# shard without gathering. It reloads at another data-parallel size, not at another TP/PP layout.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def checkpoint_root(workdir: str | Path) -> Path:
@@ -96,7 +100,7 @@ def save(
     dist.barrier()
     model_sharded = policy.sharded_state_dict()
     model_ckpt.save_model(policy, tmp)
-    dist_checkpointing.save(optimizer.sharded_state_dict(model_sharded), str(tmp / "optimizer"))
+    dist_checkpointing.save(optimizer.sharded_state_dict(model_sharded, metadata=OPTIMIZER_METADATA), str(tmp / "optimizer"))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
         write_meta(tmp)
@@ -128,12 +132,15 @@ def load(path: Path, policy: torch.nn.Module, optimizer, scheduler) -> dict:
     """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns trainer_state."""
     model_ckpt.load_model(policy, path)
     model_sharded = policy.sharded_state_dict()
-    optim_sharded = optimizer.sharded_state_dict(model_sharded, is_loading=True)
+    optim_sharded = optimizer.sharded_state_dict(model_sharded, is_loading=True, metadata=OPTIMIZER_METADATA)
     try:
         state_dict = dist_checkpointing.load(optim_sharded, str(path / "optimizer"))
     except Exception as exc:
         raise SpinMegaError(f"cannot load the optimizer state at {path / 'optimizer'}: {exc}") from exc
-    optimizer.load_state_dict(state_dict)
+    # megatron-core's dp_reshardable load copies into the distributed optimizer's fp32 shards without
+    # no_grad; in fp32 runs those shards are views of the model's parameters, which autograd refuses.
+    with torch.no_grad():
+        optimizer.load_state_dict(state_dict)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     scheduler.load_state_dict(trainer_state["scheduler"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
