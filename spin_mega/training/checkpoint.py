@@ -1,4 +1,5 @@
-"""Training checkpoints: model, optimizer, scheduler, data position and RNG, reshardable across TP/PP.
+"""Training checkpoints: model, optimizer, scheduler, data position and RNG. The model reshards across TP/PP;
+the distributed optimizer's state across DP only (see OPTIMIZER_METADATA), the plain optimizer's across all.
 
     WORKDIR/checkpoints/step_000040/      one complete checkpoint
         spin_mega_model.json, model/, tokenizer/    as in models/checkpoint.py (so it exports to HF as is)
@@ -128,8 +129,35 @@ def _prune(root: Path, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def check_resume_layout(saved_parallel: dict, tensor_parallel: int, pipeline_parallel: int, distributed_optimizer: bool) -> None:
+    """Refuses, before loading anything, a resume whose optimizer state cannot be read back: the distributed
+    optimizer's state only at the TP x PP it was written at, and never across the two optimizer formats."""
+    was_distributed = bool(saved_parallel.get("distributed_optimizer", False))
+    saved_layout = (saved_parallel.get("tensor_parallel", 1), saved_parallel.get("pipeline_parallel", 1))
+    if was_distributed != distributed_optimizer:
+        raise SpinMegaError(
+            f"the checkpoint was written with parallel.distributed_optimizer={str(was_distributed).lower()}; "
+            "resume with the same setting"
+        )
+    if was_distributed and saved_layout != (tensor_parallel, pipeline_parallel):
+        raise SpinMegaError(
+            f"the checkpoint's distributed-optimizer state was written at tensor parallel {saved_layout[0]} x "
+            f"pipeline parallel {saved_layout[1]} and reloads only there (at any data-parallel size); resume at "
+            "that layout, or export the model and start a new run"
+        )
+
+
 def load(path: Path, policy: torch.nn.Module, optimizer, scheduler) -> dict:
     """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns trainer_state."""
+    from megatron.core import parallel_state
+
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    check_resume_layout(
+        trainer_state.get("config", {}).get("parallel", {}),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        getattr(optimizer, "chained_optimizers", [optimizer])[0].config.use_distributed_optimizer,
+    )
     model_ckpt.load_model(policy, path)
     model_sharded = policy.sharded_state_dict()
     optim_sharded = optimizer.sharded_state_dict(model_sharded, is_loading=True, metadata=OPTIMIZER_METADATA)
@@ -141,7 +169,6 @@ def load(path: Path, policy: torch.nn.Module, optimizer, scheduler) -> dict:
     # no_grad; in fp32 runs those shards are views of the model's parameters, which autograd refuses.
     with torch.no_grad():
         optimizer.load_state_dict(state_dict)
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
     scheduler.load_state_dict(trainer_state["scheduler"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     # A resume at another world size has no RNG file per rank; dropout-free SPIN does not depend on it.
