@@ -111,6 +111,9 @@ class TrainConfig:
     log_interval: int = 1
     length_buckets: int = 8  # micro-batches are drawn from pairs of similar length to cut padding
     recompute_activations: bool = False
+    # Dense bf16 TFLOP/s per GPU that MFU is quoted against; null: the datasheet peak of the GPU found
+    # (A100, H100 SXM/PCIe/NVL, H200, B200; training/telemetry.py). Set it for other GPUs or clocks.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
