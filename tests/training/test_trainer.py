@@ -118,14 +118,15 @@ def single_process_fp32(single_process_run):
 
 @pytest.mark.slow
 def test_trainer_uses_what_spin_mega_env_reports(tiny_run, single_process_run):
-    from spin_mega.config import load_config
-    from spin_mega.training import environment
-
-    cfg = load_config(tiny_run["config"], list(single_process_run["overrides"]))
-    choices = environment.training_choices(cfg)
-    assert f"[spin-mega] using {environment.summary(choices)}" in single_process_run["stderr"]
-    # The summary is not vacuous: it names the paths the CPU run takes.
-    assert {"attention sdpa", "precision fp32", "distributed optimizer off"} <= set(environment.summary(choices).split(", "))
+    """`spin-mega env` for the same config and overrides, in a process like the trainer's, prints the choices
+    the trainer logs at start-up, in the same order."""
+    overrides = [arg for value in single_process_run["overrides"] for arg in ("--set", value)]
+    env = spin_mega("env", str(tiny_run["config"]), *overrides)
+    assert env.returncode == 0, env.stderr[-2000:]
+    section = env.stdout.split("a training run with this configuration would use:\n", 1)[1]
+    reported = [line.strip().split("  (")[0].replace(": ", " ", 1) for line in section.splitlines()]
+    assert {"attention sdpa", "precision fp32", "distributed optimizer off", "sequence parallel off"} <= set(reported)
+    assert f"[spin-mega] using {', '.join(reported)}\n" in single_process_run["stderr"]
 
 
 @pytest.mark.slow
