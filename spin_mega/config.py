@@ -50,11 +50,11 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    # Sequence parallelism splits norms/dropout activations along the sequence when TP > 1; it is only
-    # switched on with CUDA (on CPU it buys nothing and the gloo path is for correctness).
+    # Sequence parallelism splits norms/dropout activations along the sequence when TP > 1, with or without
+    # Transformer Engine (models/norm.py), on GPU and on CPU alike.
     sequence_parallel: bool = True
-    # Megatron's distributed optimizer shards optimizer state over data-parallel ranks (ZeRO-1). It
-    # supports Adam-family optimizers only; with RMSProp the state is replicated (see optim.py).
+    # Megatron's distributed optimizer shards fp32 main weights and optimizer state (AdamW or RMSProp) over
+    # data-parallel ranks (ZeRO-1); see training/optim.py.
     distributed_optimizer: bool = True
     # Megatron's overlap of the data-parallel gradient reduction with the backward (bucketed, launched
     # from the backward hooks of the last micro-batch). null: on with CUDA (NCCL) and DP > 1; on CPU,
@@ -137,6 +137,9 @@ class TrainConfig:
     # below the opponent's (the iteration's start). Reported once, or stops training with on_collapse: stop.
     collapse_bound: float = 1.0
     on_collapse: Literal["warn", "stop"] = "warn"
+    # Dense bf16 TFLOP/s per GPU that MFU is quoted against; null: the datasheet peak of the GPU found
+    # (A100, H100 SXM/PCIe/NVL, H200, B200; training/telemetry.py). Set it for other GPUs or clocks.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

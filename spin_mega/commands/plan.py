@@ -110,7 +110,7 @@ def run(args) -> int:
             f"--set train.opponent={args.opponent}", f"--set optim.optimizer={args.optimizer}",
             f"--set data.max_length={args.seq_len}", f"--set parallel.sequence_parallel={'true' if req.sequence_parallel else 'false'}", f"--set parallel.distributed_optimizer={'true' if req.distributed_optimizer else 'false'}"]
     if best.recompute:
-        sets.append("--set train.recompute_activations=true")
+        sets.append("--set train.recompute=full")
     if args.logprobs == "full_logits":
         sets.append("--set train.logprobs=triton")
     peak = best.peak_bytes(best.recompute)

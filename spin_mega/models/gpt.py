@@ -11,10 +11,12 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from spin_mega.config import ModelConfig
 from spin_mega.models.attention import SDPAttention
+from spin_mega.models.norm import RMSNorm
 from spin_mega.parallel.layout import check_tensor_parallel, resolve_layout
 
 # Megatron pads the vocabulary so each TP shard is a multiple of this (efficient GEMM tiles).
@@ -38,17 +40,29 @@ def have_transformer_engine() -> bool:
 
 def layer_spec() -> ModuleSpec:
     """Transformer Engine layers when importable (GPU); otherwise Megatron's local layers with SDPA
-    attention, never the unfused attention that materialises the score matrix."""
+    attention, never the unfused attention that materialises the score matrix, and an RMSNorm that
+    supports sequence parallelism (models/norm.py)."""
     if have_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
 
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def block_spec(config: TransformerConfig, vp_stage: Optional[int] = None):
+    """The layer spec, or without Transformer Engine this stage's block spec, whose final norm is ours too
+    (Megatron's default final norm for a bare layer spec is the torch norm that refuses sequence parallelism)."""
+    layer = layer_spec()
+    if have_transformer_engine():
+        return layer
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=RMSNorm)
 
 
 def transformer_config(
@@ -150,7 +164,7 @@ def build_model(
     padded = vocab_size or padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size)
     gpt = SpinGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=block_spec(config, vp_stage),
         vocab_size=padded,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

@@ -84,7 +84,10 @@ def enable() -> bool:
     torch.cuda.get_rng_state = _cpu_rng_state
     torch.cuda.set_rng_state = _set_cpu_rng_state
     torch.cuda.manual_seed = torch.manual_seed
-    torch.cuda.current_device = functools.partial(int, 0)
+    # The CPU device itself rather than ordinal 0: Megatron passes it as `device=` also inside autograd
+    # backward functions (the sequence-parallel gather / reduce-scatter), which run while the mode below is
+    # suspended (a TorchFunctionMode is popped while it handles torch.autograd.backward).
+    torch.cuda.current_device = functools.partial(torch.device, "cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     _CudaToCpu().__enter__()
     _enabled = True

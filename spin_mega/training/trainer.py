@@ -32,21 +32,16 @@ from spin_mega.parallel import distributed
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
 from spin_mega.training import pipeline
+from spin_mega.training.environment import resolve_dtype, summary, training_choices
 from spin_mega.training.forward import STAT_NAMES, PolicyOpponent, make_forward_step, make_logprob_step
 from spin_mega.training.logprobs import resolve_impl
 from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
-from spin_mega.training.telemetry import GpuTelemetry, peak_flops_per_gpu, spin_step_flops, transformer_flops_per_token
+from spin_mega.training.telemetry import GpuTelemetry, mfu, peak_flops
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after a signal; run the same command to resume
 # Also left in the work directory on that exit: torchrun reports a worker's 75 as its own exit 1.
 PREEMPTED_MARKER = "preempted.json"
 OPPONENT_FILE = "opponent_logps.json"
-
-
-def resolve_dtype(precision: str) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
 class _StopFlag:
@@ -226,6 +221,7 @@ class Trainer:
         self.tokenizer = _load_tokenizer(self.start.tokenizer_dir)
         self._setup_data()
         self._setup_models()
+        _log(f"using {summary(training_choices(cfg))}")
 
     def _setup_data(self) -> None:
         from spin_mega.data import PairBatchSampler, load_tokenized_pairs, pair_lengths, pad_token_id
@@ -263,7 +259,7 @@ class Trainer:
             p.tensor_parallel,
             p.pipeline_parallel,
             dtype=self.dtype,
-            sequence_parallel=p.sequence_parallel and torch.cuda.is_available(),
+            sequence_parallel=p.sequence_parallel,
             recompute=self.cfg.train.recompute,
             virtual_pipeline=p.virtual_pipeline_parallel,
             first_stage_layers=p.first_stage_layers,
@@ -323,7 +319,6 @@ class Trainer:
         }
         _log("performance paths: " + ", ".join(f"{k}={v}" for k, v in self.performance_paths.items()))
         config.grad_scale_func = self.optimizer.scale_loss if self.dtype == torch.float16 else None
-        self.num_params = sum(p.numel() for chunk in self.policies for p in chunk.parameters())
 
     # ---- opponent precompute ------------------------------------------------------------------------
     def _precompute_opponent(self) -> dict:
@@ -429,7 +424,7 @@ class Trainer:
         start_step = 0
         latest = train_ckpt.latest_checkpoint(self.workdir)
         if latest is not None:
-            state = train_ckpt.load(latest, self.policies, self.optimizer, self.scheduler)
+            state = train_ckpt.load(latest, self.policies, self.optimizer, self.scheduler, config_to_dict(cfg)["parallel"])
             start_step = int(state["step"])
             _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
         self._truncate_metrics(start_step)
@@ -452,9 +447,7 @@ class Trainer:
 
             progress = tqdm(total=self.total_steps, initial=start_step, desc="SPIN training", unit="step", file=sys.stderr)
         metrics_path = self.workdir / "metrics.jsonl"
-        peak = peak_flops_per_gpu()
-        m = self.model_cfg
-        embed_params = self.padded_vocab * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+        peak = peak_flops(cfg.train.peak_tflops)
         guard = health.HealthGuard(cfg.train.collapse_bound, cfg.train.on_collapse == "stop", cfg.loss.beta, _log)
         guard.replay(metrics_path)
         try:
@@ -499,15 +492,8 @@ class Trainer:
                     row["padding_fraction"] = 1.0 - tokens[0].item() / max(tokens[1].item(), 1.0)
                     row["step_time_s"] = step_time
                     if peak is not None:
-                        fwd = transformer_flops_per_token(
-                            self.num_params * cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel - embed_params,
-                            m.num_layers,
-                            m.hidden_size,
-                            data.max_len,
-                            m.vocab_size,
-                        )
-                        world = dist.get_world_size()
-                        row["mfu"] = spin_step_flops(fwd, int(tokens[1].item()), self.fused) / (step_time * peak * world)
+                        row["mfu"] = mfu(self.model_cfg, int(tokens[0].item()), data.max_len, self.fused, step_time, peak, dist.get_world_size())
+                        row["mfu_peak"] = peak.label
                     row.update(telemetry.sample())
                     row.update(checked.metrics())
                     with open(metrics_path, "a") as handle:

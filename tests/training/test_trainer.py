@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,17 +42,22 @@ def _train(tiny_run, workdir: Path, *extra: str, nproc: int = 1, max_steps: int 
 
 def _final_weights(workdir: Path) -> dict[str, torch.Tensor]:
     """Global (TP/PP-gathered) tensors of the final checkpoint, read without building a model."""
+    latest = (workdir / "checkpoints" / "latest").read_text().strip()
+    return _final_weights_of(workdir / "checkpoints" / latest / "model")
+
+
+def _final_weights_of(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Global tensors of a Megatron model directory (dist_checkpointing format)."""
     import torch.distributed as dist
     from megatron.core.dist_checkpointing import load_plain_tensors
 
     from tests.support import free_port
 
-    latest = (workdir / "checkpoints" / "latest").read_text().strip()
     owns_group = not dist.is_initialized()
     if owns_group:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        return load_plain_tensors(str(workdir / "checkpoints" / latest / "model"))
+        return load_plain_tensors(str(model_dir))
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -84,26 +90,96 @@ def test_precompute_and_fused_opponents_give_the_same_losses(tiny_run, tmp_path)
         _assert_same_step(a, b, 1e-5, f"step {a['step']}")
 
 
-@pytest.mark.slow
-def test_tensor_and_pipeline_parallel_match_single_process(tiny_run, tmp_path):
-    """TP=2, PP=2 and TP=2 x PP=2 against TP=1 x PP=1: same losses and same updated weights after two
-    optimizer steps (fp32, 1e-5 relative). Fused mode in the last layout covers the opponent under PP.
+# RMSProp's first updates are lr * g / (sqrt(0.01 g^2) + eps): with the default eps = 1e-8 an element whose
+# gradient is at round-off level (~1e-9) moves by O(lr) in a direction set by summation order. eps = 1e-4 keeps
+# such elements in the linear regime, so comparisons measure parallelism and precision, not that amplifier.
+STABLE = ("--set", "optim.eps=1e-4")
+PLAIN_OPTIMIZER = ("--set", "parallel.distributed_optimizer=false")
 
-    RMSProp's first updates are lr * g / (sqrt(0.01 g^2) + eps): with the default eps = 1e-8 an element whose
-    gradient is at round-off level (~1e-9) moves by O(lr) in a direction set by summation order. eps = 1e-4
-    keeps such elements in the linear regime, so the comparison measures parallelism, not that amplifier."""
-    stable = ["--set", "optim.eps=1e-4"]
-    base = _train(tiny_run, tmp_path / "tp1pp1", *stable, max_steps=2)
-    base_weights = _final_weights(tmp_path / "tp1pp1")
+
+# MFU is logged on CPU too once a peak is given; 1 TFLOP/s makes its value easy to read back.
+PEAK_OVERRIDE = ("--set", "train.peak_tflops=1.0")
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tiny_run, tmp_path_factory):
+    """The reference of the layout and precision tests: one process, fp32, the non-distributed optimizer."""
+    workdir = tmp_path_factory.mktemp("tp1pp1")
+    args = (*STABLE, *PLAIN_OPTIMIZER, *PEAK_OVERRIDE)
+    result = spin_mega("train", str(tiny_run["config"]), "--workdir", str(workdir), "--max-steps", "2", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"metrics": read_metrics(workdir), "weights": _final_weights(workdir), "stderr": result.stderr, "overrides": args[1::2]}
+
+
+@pytest.fixture(scope="module")
+def single_process_fp32(single_process_run):
+    return single_process_run["metrics"], single_process_run["weights"]
+
+
+@pytest.mark.slow
+def test_trainer_uses_what_spin_mega_env_reports(tiny_run, single_process_run):
+    """`spin-mega env` for the same config and overrides, in a process like the trainer's, prints the choices
+    the trainer logs at start-up, in the same order."""
+    overrides = [arg for value in single_process_run["overrides"] for arg in ("--set", value)]
+    env = spin_mega("env", str(tiny_run["config"]), *overrides)
+    assert env.returncode == 0, env.stderr[-2000:]
+    section = env.stdout.split("a training run with this configuration would use:\n", 1)[1]
+    reported = [line.strip().split("  (")[0].replace(": ", " ", 1) for line in section.splitlines()]
+    assert {"attention sdpa", "precision fp32", "distributed optimizer off", "sequence parallel off"} <= set(reported)
+    assert f"[spin-mega] using {', '.join(reported)}\n" in single_process_run["stderr"]
+
+
+@pytest.mark.slow
+def test_mfu_counts_real_tokens_and_names_its_peak(tiny_run, single_process_run):
+    """MFU x peak x step time / 3 (forward + backward, precompute mode) is the model FLOPs of the step: per
+    real token, between the FLOPs of a 1-token and a max_length-token context. Counting padded tokens
+    (a ~20% padding fraction here) or the embeddings as dense weights falls outside that interval."""
+    import yaml
+
+    from spin_mega.config import ModelConfig
+    from spin_mega.training.telemetry import non_embedding_params, transformer_flops_per_token
+
+    shape = json.loads((tiny_run["start"] / "spin_mega_model.json").read_text())["model"]
+    model = ModelConfig(**{k: v for k, v in shape.items() if k in ModelConfig.__dataclass_fields__})
+    max_length = yaml.safe_load(tiny_run["config"].read_text())["data"]["max_length"]
+    for row in single_process_run["metrics"]:
+        assert row["mfu_peak"] == "train.peak_tflops"
+        assert row["padding_fraction"] > 0.05
+        real_tokens = row["tokens_per_s"] * row["step_time_s"]
+        per_token = row["mfu"] * 1e12 * row["step_time_s"] / 3.0 / real_tokens
+        bounds = [
+            transformer_flops_per_token(non_embedding_params(model), model.num_layers, model.hidden_size, s, model.vocab_size)
+            for s in (1, max_length)
+        ]
+        assert bounds[0] <= per_token <= bounds[1], (per_token, bounds)
+
+
+def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item()
+
+
+@pytest.mark.slow
+def test_parallel_layouts_match_single_process(tiny_run, single_process_fp32, tmp_path):
+    """TP=2 with sequence parallelism, PP=2, TP=2 x PP=2 (sequence parallel, fused opponent) and DP=2 with the
+    distributed optimizer (RMSProp state sharded) against one process with the plain optimizer: same losses,
+    gradient norms and updated weights after two optimizer steps (fp32, 1e-5 relative).
+
+    The gradient norm is the sharpest check of the layouts' gradient reductions: a norm weight under sequence
+    parallelism that missed its all-reduce over TP, or a parameter counted twice, changes it at step 1.
+    TP=2 x PP=2 x DP=2 (8 ranks) is left out: 8 processes on CI's 2 cores cost minutes, and each of its
+    reductions is exercised by a layout here."""
+    base, base_weights = single_process_fp32
     layouts = {
-        "tp2": (2, ["--tp", "2", *stable]),
-        "pp2": (2, ["--pp", "2", *stable]),
-        "tp2pp2": (4, ["--tp", "2", "--pp", "2", "--set", "train.opponent=fused", *stable]),
+        "tp2_sp": (2, ["--tp", "2", "--set", "parallel.sequence_parallel=true", *STABLE]),
+        "pp2": (2, ["--pp", "2", *STABLE, *PLAIN_OPTIMIZER]),
+        "tp2pp2_sp": (4, ["--tp", "2", "--pp", "2", "--set", "train.opponent=fused", *STABLE]),
+        "dp2_distopt": (2, ["--set", "parallel.distributed_optimizer=true", *STABLE]),
     }
     for name, (nproc, args) in layouts.items():
         metrics = _train(tiny_run, tmp_path / name, *args, nproc=nproc, max_steps=2)
         for a, b in zip(base, metrics):
             _assert_same_step(a, b, 1e-5, f"{name} step {a['step']}")
+            _assert_close_rel(a["grad_norm"], b["grad_norm"], 1e-5, f"{name} step {a['step']} grad_norm")
         weights = _final_weights(tmp_path / name)
         assert weights.keys() == base_weights.keys()
         for key, ref in base_weights.items():
@@ -111,8 +187,61 @@ def test_tensor_and_pipeline_parallel_match_single_process(tiny_run, tmp_path):
                 continue
             # Relative Frobenius distance: RMSProp's early steps are nearly sign(g) * lr, so single elements
             # with gradients at round-off level can move by round-off-sized amounts times lr / eps.
-            rel = ((weights[key] - ref).norm() / ref.norm().clamp(min=1e-12)).item()
+            rel = _relative_distance(weights[key], ref)
             assert rel <= 1e-5, f"{name}: {key} differs by {rel:.2e} (relative)"
+
+
+@pytest.mark.slow
+def test_bf16_training_tracks_fp32(tiny_run, single_process_fp32, tmp_path):
+    """bf16 parameters and activations (Megatron's Float16OptimizerWithFloat16Params: fp32 main weights and
+    main gradients, log-prob sums and loss in fp32) against the fp32 run, then bf16 with the distributed
+    optimizer over DP=2 against that. Tolerances are bf16's: its 8-bit
+    mantissa gives ~4e-3 relative error per rounding, and the log-prob sums of ~100 nats and the weights after
+    two RMSProp steps stay within 1e-2 relative; the first loss is still ln 2 (policy = opponent)."""
+    base, base_weights = single_process_fp32
+    metrics = _train(tiny_run, tmp_path / "bf16", "--set", "train.precision=bf16", *STABLE, *PLAIN_OPTIMIZER, max_steps=2)
+    assert abs(metrics[0]["loss"] - LN2) < 1e-5
+    for a, b in zip(base, metrics):
+        for key in ("loss", "logp_chosen", "logp_rejected", "grad_norm"):
+            _assert_close_rel(a[key], b[key], 1e-2, f"bf16 step {a['step']} {key}")
+    weights = _final_weights(tmp_path / "bf16")
+    layer_weights = [key for key, ref in base_weights.items() if torch.is_tensor(ref)]
+    assert all(weights[key].dtype == torch.bfloat16 for key in layer_weights)
+    for key in layer_weights:
+        rel = _relative_distance(weights[key], base_weights[key])
+        assert rel <= 1e-2, f"bf16: {key} differs by {rel:.2e} (relative)"
+    # The update really happened in bf16's resolution, not as a no-op: the weights moved from the start.
+    start = _final_weights_of(tiny_run["start"] / "model")
+    moved = max(_relative_distance(weights[key], start[key]) for key in layer_weights if key in start)
+    assert moved > 1e-3
+    # The GPU default: bf16 with the distributed optimizer (fp32 main-weight shards) over DP=2. Same bf16
+    # rounding of the forward, gradients reduced in fp32 in another order: within 1e-3 of the plain wrapper.
+    sharded = _train(tiny_run, tmp_path / "bf16_dp2", "--set", "train.precision=bf16", "--set", "parallel.distributed_optimizer=true", *STABLE, nproc=2, max_steps=2)
+    for a, b in zip(metrics, sharded):
+        for key in ("loss", "logp_chosen", "logp_rejected", "grad_norm"):
+            _assert_close_rel(a[key], b[key], 1e-3, f"bf16 DP=2 distributed optimizer step {a['step']} {key}")
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_checkpoint_resumes_at_another_dp_size(tiny_run, tmp_path):
+    """RMSProp state sharded over DP=2 (square_avg), saved at step 2, resumed with one process: steps 3-4
+    repeat the uninterrupted DP=2 run. A resume that lost square_avg takes a first-step-sized update at step 3
+    (about lr / sqrt(1 - alpha) = 10 lr per element), which moved step 4's loss by 3e-2 when tried."""
+    settings = ["--set", "parallel.distributed_optimizer=true", "--set", "train.save_interval=2", *STABLE]
+    workdir = tmp_path / "w"
+    straight = _train(tiny_run, workdir, *settings, nproc=2, max_steps=4)
+    root = workdir / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_000004"
+    shutil.rmtree(root / "step_000004")
+    (root / "latest").write_text("step_000002\n")
+    result = spin_mega("train", str(tiny_run["config"]), "--workdir", str(workdir), "--max-steps", "4", *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    resumed = read_metrics(workdir)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight[2:], resumed[2:]):
+        _assert_same_step(a, b, 1e-5, f"resumed step {a['step']}")
+        _assert_close_rel(a["grad_norm"], b["grad_norm"], 1e-5, f"resumed step {a['step']} grad_norm")
 
 
 @pytest.mark.slow
