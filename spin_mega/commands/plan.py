@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
         "plan",
         help="per-GPU memory of each TP x PP x DP layout for a model, and the fastest that fits",
         description=(
-            "Plans a SPIN training layout: for every TP (within a node) x PP (dividing the layers) x DP, the "
+            "Plans a SPIN training layout: for every TP (within a node) x PP (layers split as the trainer splits them) x DP, the "
             "per-GPU bytes of weights, fp32 gradient buffer, fp32 main weights, optimizer state, activations "
             "with and without recomputation, the fused opponent and the log-prob head, on the fullest pipeline "
             "stage; then the fitting layout with the lowest estimated step time and the launch/train.sbatch "
@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--opponent", choices=("precompute", "fused"), default="precompute")
     parser.add_argument("--optimizer", choices=("rmsprop", "adamw"), default="rmsprop")
     parser.add_argument("--distributed-optimizer", choices=("on", "off"), default="on",
-                        help="shard fp32 main weights and optimizer state over DP (spin-mega does so for AdamW only)")
+                        help="shard fp32 main weights and optimizer state over DP (parallel.distributed_optimizer; RMSProp and AdamW)")
     parser.add_argument("--logprobs", choices=("fused_linear", "full_logits"), default="fused_linear",
                         help="log-prob head: fused with the output layer, or full logits then the kernel")
     parser.add_argument("--sequence-parallel", choices=("on", "off"), default="on",
@@ -69,7 +69,7 @@ def run(args) -> int:
     print(
         f"run: {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_memory_gib} GiB, sequences of {args.seq_len} tokens, "
         f"{args.micro_batch} pair(s) per micro-batch, {args.global_batch} per step, {args.optimizer}"
-        f"{' (sharded over DP)' if req.distributed_optimizer and args.optimizer == 'adamw' else ' (replicated on every DP rank)'}, "
+        f"{' (sharded over DP by the distributed optimizer)' if req.distributed_optimizer else ' (replicated on every DP rank)'}, "
         f"opponent {args.opponent}, log-probs {args.logprobs}"
     )
     if args.opponent == "precompute":
@@ -101,7 +101,7 @@ def run(args) -> int:
     if hidden:
         print(f"({hidden} layouts that do not fit are not shown; --all lists them)")
     print("totals include 3 GiB for NCCL buffers, the CUDA context and allocator slack; 'est s' is the cost model's "
-          "step time (memory_plan.py: 40% of the nominal peak, bubble, TP collectives, unoverlapped DP all-reduce)")
+          "step time (memory_plan.py: 40% of the nominal peak, bubble, uneven stages, TP collectives, unoverlapped DP gradient traffic)")
     if best is None:
         print(f"no layout fits {args.gpu_memory_gib} GiB per GPU, even with recomputation: more GPUs, a shorter "
               "sequence or AdamW with the distributed optimizer over more DP ranks")
@@ -117,8 +117,10 @@ def run(args) -> int:
     print(
         f"\nchosen: TP {best.tp} x PP {best.pp} x DP {best.dp}, {peak / GIB:.1f} of {args.gpu_memory_gib} GiB per GPU"
         f"{' with activation recomputation' if best.recompute else ''}, {best.microbatches} micro-batches per step, "
-        f"bubble {100 * best.bubble:.1f}%"
+        f"bubble {100 * best.bubble:.1f}% of the ideal step time"
     )
+    if best.pp > 1:
+        print(best.pipeline.describe(best.microbatches))
     print("run it with (launch/README.md):")
     print(f"    launch/train.sbatch {args.config} --workdir W --nodes {args.nodes} --gpus-per-node {args.gpus_per_node} \\")
     start = Path(args.model).parent if Path(args.model).is_file() else Path(args.model)

@@ -5,20 +5,21 @@ tests compare it with the bytes of the live Megatron model, DDP buffers and opti
 
 * parameters of a pipeline stage: its layers' weights, TP-sharded except the two RMSNorm weights per
   layer; the embedding [V_padded / TP, h] on the first stage; the final norm and the output layer on the
-  last (with tied embeddings and PP > 1 the last stage holds its own copy, as Megatron does);
-* model weights in the training dtype (2 bytes bf16, 4 fp32), except the RMSNorm weights: Megatron's
-  torch norm (used without Transformer Engine) creates them in fp32 whatever the model's dtype, so they
-  need no fp32 main copy;
+  last (with tied embeddings and PP > 1 the last stage holds its own copy, as Megatron does). The layers
+  per stage are spin_mega.parallel.layout's split (uneven when PP does not divide the layers);
+* model weights in the training dtype (2 bytes bf16, 4 fp32), the RMSNorm weights too (models/norm.py
+  creates them in the model's dtype);
 * gradients: Megatron DDP's fp32 buffer (grad_reduce_in_fp32), 4 bytes per parameter, never sharded;
 * fp32 main parameters (bf16 training only) and optimizer state (RMSProp 4 bytes: square average; AdamW 8:
-  both moments), divided by DP when the distributed optimizer shards them (spin-mega uses it for AdamW);
+  both moments), divided by DP when the distributed optimizer shards them (parallel.distributed_optimizer,
+  the default, for either optimizer: training/optim.py);
 * activations kept for backward, per token per layer: the storages Megatron's local layer (the layer used
   without Transformer Engine) saves, as read from a live layer on CPU (tests/training/test_memory_plan.py):
-  each RMSNorm's input and normalised output (4 h, in fp32: the norm computes in its weight's dtype) and
+  each RMSNorm's input and normalised output (4 h, in fp32: torch's RMSNorm upcasts bf16 input) and
   each linear block's input (2 h), split over TP by sequence parallelism; the fused QKV output (kept alive by the V view), q and k after RoPE and the attention output
   ((3 q + 3 kv) head_dim / TP); the SwiGLU MLP's fc1 output and three ffn-sized intermediates (5 ffn / TP);
   RoPE's cos and sin for q and k (4 head_dim per position). Fused (flash / SDPA) attention: no [s, s]
-  scores. Under 1F1B, stage i holds min(PP - i, m) micro-batches in flight. Full recomputation keeps each
+  scores. Under 1F1B, stage i holds min(PP - i, m) micro-batches of its layers in flight. Full recomputation keeps each
   layer's input plus one layer's activations being recomputed;
 * the opponent: `fused` keeps a frozen copy of the stage's weights (and its rows travel with the policy's
   through the pipeline); `precompute` keeps two floats per pair on the host, nothing on the GPU;
@@ -36,20 +37,25 @@ from typing import Literal, Optional
 
 from spin_mega.config import ModelConfig
 from spin_mega.errors import ConfigError
+from spin_mega.parallel.layout import PipelineLayout, check_tensor_parallel, resolve_layout
 
 GIB = 2**30
 VOCAB_DIVISIBLE_BY = 128  # as spin_mega.models.gpt (kept torch-free here so planning needs no torch import)
 OVERHEAD_BYTES = 3 * GIB
-NORM_BYTES = 4  # RMSNorm weights and the tensors the norm saves are fp32 (see above)
+NORM_ACTIVATION_BYTES = 4  # the tensors the norm saves are fp32 whatever the model's dtype (see above)
 # The fused-linear kernel's chunk of logits holds about max(N * H, 2**24) elements (kernels/fused_linear.py).
 FUSED_CHUNK_MIN_ELEMENTS = 1 << 24
 # The cost model that ranks the layouts that fit: estimated seconds per optimizer step =
 #   model FLOPs / (GPUs x nominal peak x ASSUMED_MFU)            compute, spread over every GPU
-#   x 1 / (1 - pipeline bubble)                                  1F1B: (PP - 1) / (m + PP - 1) idle
+#   x (1 + pipeline bubble)                                      1F1B: (PP - 1) / m of the ideal time
+#   x fullest stage's layers / mean layers per stage             an uneven split runs at its fullest stage's pace
 #   x (1 + TP_COST_PER_DOUBLING x log2 TP)                       tensor-parallel collectives (NVLink)
 #   x 4/3 with full recomputation                                one more forward per forward + backward
-#   + 2 (DP - 1) / DP x 4 bytes x stage parameters / bandwidth   the fp32 gradient all-reduce, not overlapped
-#                                                                (NVLink inside a node, the network across)
+#   + (DP - 1) / DP x stage parameters x bytes / bandwidth       DP traffic, not overlapped (NVLink inside a
+#                                                                node, the network across): with the distributed
+#                                                                optimizer the fp32 gradient reduce-scatter and
+#                                                                the weights' all-gather (4 + dtype bytes),
+#                                                                without it the fp32 all-reduce (2 x 4 bytes)
 # All four constants are assumptions, stated so that measured figures (benchmarks/gpu) can replace them.
 ASSUMED_MFU = 0.4
 TP_COST_PER_DOUBLING = 0.04
@@ -113,8 +119,9 @@ class LayoutPlan:
     pp: int
     dp: int
     microbatches: int
-    bubble: float
+    bubble: float  # idle time relative to the ideal step time (PipelineLayout.bubble_fraction)
     optimizer_sharded: bool
+    pipeline: PipelineLayout
     stages: list[StageMemory] = field(default_factory=list)
     fits: bool = False
     recompute: bool = False  # the layout fits only with activation recomputation
@@ -149,14 +156,9 @@ def total_params(m: ModelConfig) -> int:
     return m.num_layers * layer_params(m, 1) + embeddings + m.hidden_size
 
 
-def stage_layers(num_layers: int, pp: int) -> list[int]:
-    """Layers per stage: even splits (the trainer requires PP to divide the layer count)."""
-    return [num_layers // pp] * pp
-
-
-def stage_norm_params(m: ModelConfig, pp: int, stage: int) -> int:
-    """RMSNorm weights of a stage: two per layer, and the final norm on the last stage."""
-    return 2 * m.hidden_size * stage_layers(m.num_layers, pp)[stage] + (m.hidden_size if stage == pp - 1 else 0)
+def stage_layers(num_layers: int, pp: int) -> tuple[int, ...]:
+    """Layers per stage: the trainer's default split (even, or the end stages lighter)."""
+    return resolve_layout(num_layers, pp).stage_layers
 
 
 def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
@@ -177,15 +179,11 @@ def layer_activation_bytes(
     """Bytes one transformer layer keeps for backward for a micro-batch of `tokens` tokens in sequences
     of `seq_len` (see the module docstring for the list of tensors)."""
     h_split = tp if (sequence_parallel and tp > 1) else 1
-    hidden_bytes = (4 * NORM_BYTES + 2 * dtype_bytes) * m.hidden_size / h_split
+    hidden_bytes = (4 * NORM_ACTIVATION_BYTES + 2 * dtype_bytes) * m.hidden_size / h_split
     attention = (3 * m.num_attention_heads + 3 * m.num_query_groups) * m.head_dim
     inner = (attention + 5 * m.ffn_hidden_size) / tp
     rope = 4 * m.head_dim * seq_len  # per position, shared by the micro-batch's sequences
     return (hidden_bytes + dtype_bytes * inner) * tokens + dtype_bytes * rope
-
-
-def bubble_fraction(pp: int, microbatches: int) -> float:
-    return (pp - 1) / (microbatches + pp - 1)
 
 
 def plan_layout(req: PlanRequest, tp: int, pp: int) -> LayoutPlan:
@@ -194,16 +192,16 @@ def plan_layout(req: PlanRequest, tp: int, pp: int) -> LayoutPlan:
     dp = world // (tp * pp)
     micro = req.global_batch // (req.micro_batch * dp)
     dtype_bytes = 2 if req.dtype == "bf16" else 4
-    sharded = req.distributed_optimizer and req.optimizer == "adamw"
-    layout = LayoutPlan(tp, pp, dp, micro, bubble_fraction(pp, micro), sharded)
+    sharded = req.distributed_optimizer and dp > 1
+    pipeline = resolve_layout(m.num_layers, pp)
+    layout = LayoutPlan(tp, pp, dp, micro, pipeline.bubble_fraction(micro), sharded, pipeline)
     tokens = 2 * req.micro_batch * req.seq_len  # chosen + rejected
     h_split = tp if (req.sequence_parallel and tp > 1) else 1
     layer_input = dtype_bytes * tokens * m.hidden_size / h_split
     one_layer = layer_activation_bytes(m, tp, req.sequence_parallel, dtype_bytes, tokens, req.seq_len)
     state_bytes = {"rmsprop": 4, "adamw": 8}[req.optimizer]
-    for stage, layers in enumerate(stage_layers(m.num_layers, pp)):
+    for stage, layers in enumerate(pipeline.stage_layers):
         params = stage_params(m, tp, pp, stage)
-        norms = stage_norm_params(m, pp, stage)
         in_flight = min(pp - stage, micro)
         shard = dp if sharded else 1
         activations = in_flight * (layers * one_layer + layer_input)
@@ -222,8 +220,8 @@ def plan_layout(req: PlanRequest, tp: int, pp: int) -> LayoutPlan:
             else:
                 logprobs = 6 * tokens * vocab_shard
         layout.stages.append(StageMemory(
-            stage=stage, layers=layers, params=params, weights=dtype_bytes * (params - norms) + NORM_BYTES * norms,
-            grads=4 * params, main_params=(4 * (params - norms) // shard) if req.dtype == "bf16" else 0,
+            stage=stage, layers=layers, params=params, weights=dtype_bytes * params,
+            grads=4 * params, main_params=(4 * params // shard) if req.dtype == "bf16" else 0,
             optimizer_state=state_bytes * params // shard,
             activations=int(activations), activations_recompute=int(recomputed), opponent=int(opponent),
             logprobs=int(logprobs),
@@ -249,36 +247,33 @@ def model_flops_per_step(req: PlanRequest) -> float:
 def estimated_step_seconds(req: PlanRequest, layout: LayoutPlan) -> float:
     world = req.nodes * req.gpus_per_node
     compute = model_flops_per_step(req) / (world * req.peak_tflops * 1e12 * ASSUMED_MFU)
-    compute *= (1.0 / (1.0 - layout.bubble)) * (1.0 + TP_COST_PER_DOUBLING * math.log2(layout.tp))
+    pipeline = layout.pipeline
+    imbalance = max(pipeline.stage_layers) * pipeline.pipeline_parallel / pipeline.num_layers
+    compute *= (1.0 + layout.bubble) * imbalance * (1.0 + TP_COST_PER_DOUBLING * math.log2(layout.tp))
     if layout.recompute:
         compute *= 4.0 / 3.0
     # Megatron orders ranks TP fastest, then DP: a DP group leaves the node once TP x DP exceeds it.
     bandwidth = NVLINK_BYTES_PER_S if layout.tp * layout.dp <= req.gpus_per_node else NETWORK_BYTES_PER_S
     params = max(s.params for s in layout.stages)
-    all_reduce = 2.0 * (layout.dp - 1) / layout.dp * 4 * params / bandwidth
-    return compute + all_reduce
+    per_param = 4 + (2 if req.dtype == "bf16" else 4) if layout.optimizer_sharded else 2 * 4
+    data_parallel = (layout.dp - 1) / layout.dp * per_param * params / bandwidth
+    return compute + data_parallel
 
 
 def check_layout(m: ModelConfig, tp: int, pp: int, world: Optional[int] = None) -> None:
     """One sentence naming the broken constraint, before anything is built."""
     if tp < 1 or pp < 1:
         raise ConfigError(f"tensor and pipeline parallel sizes must be at least 1 (got TP {tp}, PP {pp})")
-    if m.num_attention_heads % tp or m.num_query_groups % tp:
-        raise ConfigError(
-            f"tensor parallel {tp} must divide the attention heads ({m.num_attention_heads}) and the key/value "
-            f"groups ({m.num_query_groups})"
-        )
-    if pp > m.num_layers:
-        raise ConfigError(f"pipeline parallel {pp} exceeds the {m.num_layers} layers: a stage would have no layers")
-    if m.num_layers % pp:
-        raise ConfigError(f"pipeline parallel {pp} must divide the number of layers ({m.num_layers})")
+    check_tensor_parallel(m.num_attention_heads, m.num_query_groups, tp)
+    resolve_layout(m.num_layers, pp)
     if world is not None and world % (tp * pp):
         raise ConfigError(f"TP {tp} x PP {pp} does not divide the {world} GPUs")
 
 
 def candidate_layouts(req: PlanRequest) -> list[tuple[int, int]]:
-    """TP within one node (tensor-parallel collectives stay on NVLink), PP dividing the layers, TP x PP
-    dividing the GPUs, and the global batch splitting into whole micro-batches over DP."""
+    """TP within one node (tensor-parallel collectives stay on NVLink), PP up to the layer count (split
+    as the trainer splits them), TP x PP dividing the GPUs, and the global batch splitting into whole
+    micro-batches over DP."""
     m = req.model
     world = req.nodes * req.gpus_per_node
     for name, value in (("--tp", req.tensor_parallel), ("--pp", req.pipeline_parallel)):
@@ -293,7 +288,7 @@ def candidate_layouts(req: PlanRequest) -> list[tuple[int, int]]:
         if m.num_attention_heads % tp or m.num_query_groups % tp or req.gpus_per_node % tp:
             continue
         for pp in pps:
-            if m.num_layers % pp or world % (tp * pp):
+            if pp > m.num_layers or world % (tp * pp):
                 continue
             dp = world // (tp * pp)
             if req.global_batch % (req.micro_batch * dp):
@@ -310,7 +305,7 @@ def plan(req: PlanRequest) -> tuple[list[LayoutPlan], Optional[LayoutPlan]]:
     if not layouts:
         raise ConfigError(
             f"no layout of {req.nodes} x {req.gpus_per_node} GPUs splits a global batch of {req.global_batch} pairs "
-            f"into micro-batches of {req.micro_batch} with TP dividing the heads and PP dividing the layers"
+            f"into micro-batches of {req.micro_batch} with TP dividing the heads and PP at most the layers"
         )
     fitting = [l for l in layouts if l.fits]
     best = min(fitting, key=lambda l: (l.step_seconds, l.tp, l.pp)) if fitting else None

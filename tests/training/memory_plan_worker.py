@@ -58,7 +58,9 @@ def main(spec_path: str, out_path: str) -> None:
     cfg = load_config(spec["config"], spec["overrides"])
     trainer = Trainer(cfg, Path(spec["workdir"]), max_steps=1)
     trainer.setup()
-    model_params = {id(p) for p in trainer.policy.parameters()}
+    # The distributed optimizer's fp32 "main" shards of fp32 weights are views into the model's own
+    # parameter buffer: storage, not identity, tells a main copy from the weights.
+    model_storages = {p.untyped_storage().data_ptr() for p in trainer.policy.parameters()}
     record = {
         "rank": dist.get_rank(),
         "stage": parallel_state.get_pipeline_model_parallel_rank(),
@@ -73,7 +75,7 @@ def main(spec_path: str, out_path: str) -> None:
     main_params = state = 0
     for wrapper in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
         for group in wrapper.optimizer.param_groups:
-            main_params += sum(_bytes(p) for p in group["params"] if id(p) not in model_params)
+            main_params += sum(_bytes(p) for p in group["params"] if p.untyped_storage().data_ptr() not in model_storages)
         for per_param in wrapper.optimizer.state.values():
             # The step counters are scalars; the state that scales with the model is the rest.
             state += sum(_bytes(v) for v in per_param.values() if torch.is_tensor(v) and v.numel() > 1)
