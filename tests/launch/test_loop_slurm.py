@@ -89,7 +89,7 @@ def test_loop_across_two_nodes_preempted_ends_like_an_uninterrupted_run(slurm_cl
     for t in range(ITERATIONS):
         steps = [r["step"] for r in read_jsonl(tmp_path / f"iter_{t}" / "train" / "metrics.jsonl")]
         reference = read_jsonl(uninterrupted / f"iter_{t}" / "train" / "metrics.jsonl")
-        assert steps == [r["step"] for r in reference] and len(steps) >= 6, "a training step was lost or repeated"
+        assert steps == [r["step"] for r in reference] and len(steps) >= 3, "a training step was lost or repeated"
         assert read_jsonl(tmp_path / f"iter_{t}" / "generations.jsonl") == read_jsonl(uninterrupted / f"iter_{t}" / "generations.jsonl")
         for mine, theirs in zip(read_jsonl(tmp_path / f"iter_{t}" / "train" / "metrics.jsonl"), reference):
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=1e-7), (t, mine["step"])
