@@ -12,7 +12,11 @@
 #                                                node count, and a different explicit value is an error
 #   --gpus-per-node G      SPIN_GPUS_PER_NODE    default 8; 0 runs on CPUs (gloo), as the tests do
 #   --tasks-per-node T     SPIN_TASKS_PER_NODE   default: G (one task per GPU), or 1 when G is 0
-#   --cpus-per-task C      SPIN_CPUS_PER_TASK    default: the cluster's default
+#   --cpus-per-task C      SPIN_CPUS_PER_TASK    default: the node's CPUs the allocation granted
+#                                                (SLURM_CPUS_ON_NODE) divided by the step's tasks per node
+#   --exclusive / --no-exclusive  SPIN_EXCLUSIVE default 1: whole nodes (sbatch --exclusive), so that the
+#                                                ranks get every CPU and the memory of their nodes
+#   --mem M                SPIN_MEM              default 0 (all of the node's memory) with --exclusive
 #   --partition P          SPIN_PARTITION        default: the cluster's default partition
 #   --account A            SPIN_ACCOUNT          default: the user's default account
 #   --qos Q                SPIN_QOS              default: none
@@ -23,8 +27,12 @@
 #                                                the time limit; it must cover finishing the current
 #                                                optimizer step plus writing a checkpoint (see README)
 #   --container-image IMG  SPIN_CONTAINER_IMAGE  pyxis/enroot image for every srun step; unset: no container
-#   --container-mounts M   SPIN_CONTAINER_MOUNTS extra src:dst[,src:dst] mounts (the work directory and
-#                                                the launch/ directory are always mounted)
+#   --container-mounts M   SPIN_CONTAINER_MOUNTS extra src:dst[,src:dst] mounts; the directory of every
+#                                                path argument (config, model, data, --set k=/path, the
+#                                                config's own absolute paths, venv, work directory,
+#                                                launch/) is always mounted at the same path
+#   --container-name NAME  SPIN_CONTAINER_NAME   default spin-<job id>: one container per job, reused by
+#                                                all of its steps and attempts (pyxis --container-name)
 #   --venv DIR             SPIN_VENV             virtualenv whose bin/python runs spin-mega
 #   --python PY            SPIN_PYTHON           interpreter (default: $SPIN_VENV/bin/python, else python3)
 #   --max-restarts N       SPIN_MAX_RESTARTS     default 100: stop requeueing after this many restarts
@@ -69,7 +77,7 @@ spin_parse_args() {
     case "$flag" in
       --workdir|--nodes|--gpus-per-node|--tasks-per-node|--cpus-per-task|--partition|--account|--qos|\
       --time|--job-name|--dependency|--signal-seconds|--container-image|--container-mounts|--venv|\
-      --python|--max-restarts|--task-exit-wait|--sbatch-args)
+      --python|--max-restarts|--task-exit-wait|--sbatch-args|--mem|--container-name)
         [ $# -ge 2 ] || spin_die "$flag needs a value"
         value=$2
         case "$flag" in
@@ -92,10 +100,14 @@ spin_parse_args() {
           --max-restarts) SPIN_MAX_RESTARTS=$value ;;
           --task-exit-wait) SPIN_TASK_EXIT_WAIT=$value ;;
           --sbatch-args) SPIN_SBATCH_ARGS=$value ;;
+          --mem) SPIN_MEM=$value ;;
+          --container-name) SPIN_CONTAINER_NAME=$value ;;
         esac
         shift 2
         ;;
       --dry-run) SPIN_DRY_RUN=1; shift ;;
+      --exclusive) SPIN_EXCLUSIVE=1; shift ;;
+      --no-exclusive) SPIN_EXCLUSIVE=0; shift ;;
       --submit) SPIN_FORCE_SUBMIT=1; shift ;;
       --) SPIN_ARGS+=("${@:2}"); break ;;
       *) SPIN_ARGS+=("$1"); shift ;;
@@ -104,6 +116,13 @@ spin_parse_args() {
   # Inside an allocation made with plain `sbatch -N .. --ntasks-per-node .. --gpus-per-node ..`, the
   # request itself is the default.
   if spin_in_allocation; then
+    # What the allocation granted beats what was asked for (--gres, --gpus, cluster defaults).
+    if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then
+      if [ -n "${SPIN_GPUS_PER_NODE:-}" ] && [ "$SPIN_GPUS_PER_NODE" != "$SLURM_GPUS_ON_NODE" ] && [ "$SPIN_GPUS_PER_NODE" != 0 ]; then
+        spin_die "asked for $SPIN_GPUS_PER_NODE GPUs per node (SPIN_GPUS_PER_NODE/--gpus-per-node) but the allocation granted $SLURM_GPUS_ON_NODE"
+      fi
+      [ "${SPIN_GPUS_PER_NODE:-}" = 0 ] || SPIN_GPUS_PER_NODE=$SLURM_GPUS_ON_NODE
+    fi
     if [ -z "${SPIN_GPUS_PER_NODE:-}" ] && [ -n "${SLURM_GPUS_PER_NODE:-}" ]; then SPIN_GPUS_PER_NODE=${SLURM_GPUS_PER_NODE##*:}; fi
     if [ -z "${SPIN_TASKS_PER_NODE:-}" ] && [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then SPIN_TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE%%(*}; fi
   fi
@@ -111,6 +130,8 @@ spin_parse_args() {
   SPIN_SIGNAL_SECONDS=${SPIN_SIGNAL_SECONDS:-600}
   SPIN_MAX_RESTARTS=${SPIN_MAX_RESTARTS:-100}
   SPIN_TASK_EXIT_WAIT=${SPIN_TASK_EXIT_WAIT:-300}
+  SPIN_EXCLUSIVE=${SPIN_EXCLUSIVE:-1}
+  [ "$SPIN_EXCLUSIVE" = 1 ] && SPIN_MEM=${SPIN_MEM:-0}
   local name
   for name in SPIN_GPUS_PER_NODE SPIN_SIGNAL_SECONDS SPIN_MAX_RESTARTS SPIN_TASK_EXIT_WAIT; do
     _spin_is_uint "${!name}" || spin_die "$name must be a whole number, got '${!name}'"
@@ -204,7 +225,7 @@ spin_network_report() {
   local set_vars
   set_vars=$(env | grep -E '^(NCCL_|GLOO_|UCX_|FI_|TORCH_NCCL_)' | sort | tr '\n' ' ')
   local rendezvous=""
-  [ -n "${MASTER_ADDR:-}" ] && rendezvous="rendezvous $MASTER_ADDR:$MASTER_PORT; "
+  [ -n "${MASTER_ADDR:-}" ] && rendezvous="rendezvous $MASTER_ADDR:${MASTER_PORT:-<per stage>}; "
   spin_log "${rendezvous}network variables in effect: ${set_vars:-none (library defaults)}"
 }
 
@@ -222,17 +243,71 @@ spin_srun_cmd() {
   SPIN_SRUN=(srun --nodes="$nodes" --ntasks="$((nodes * tpn))" --ntasks-per-node="$tpn"
     --kill-on-bad-exit=0 --wait="$SPIN_TASK_EXIT_WAIT"
     --output="$SPIN_LOG_DIR/${SPIN_STEP_NAME:-step}-rank-%t.log" --open-mode=append)
-  [ -n "${SPIN_CPUS_PER_TASK:-}" ] && SPIN_SRUN+=(--cpus-per-task="$SPIN_CPUS_PER_TASK")
-  if [ -n "${SPIN_CONTAINER_IMAGE:-}" ]; then
-    local mounts="$SPIN_WORKDIR:$SPIN_WORKDIR,$SPIN_LAUNCH_DIR:$SPIN_LAUNCH_DIR"
-    [ -n "${SPIN_CONTAINER_MOUNTS:-}" ] && mounts="$mounts,$SPIN_CONTAINER_MOUNTS"
-    SPIN_SRUN+=(--container-image="$SPIN_CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir="$SPIN_WORKDIR")
+  local cpus=${SPIN_CPUS_PER_TASK:-}
+  # srun does not pass the job's CPUs on by itself: without this every task of the step gets one CPU.
+  if [ -z "$cpus" ] && _spin_is_uint "${SLURM_CPUS_ON_NODE:-x}"; then
+    cpus=$((SLURM_CPUS_ON_NODE / tpn))
+    [ "$cpus" -gt 0 ] || cpus=1
   fi
+  [ -n "$cpus" ] && SPIN_SRUN+=(--cpus-per-task="$cpus")
+  spin_container_args
+  SPIN_SRUN+=("${SPIN_CONTAINER_ARGS[@]+"${SPIN_CONTAINER_ARGS[@]}"}")
   return 0
+}
+
+# spin_container_path PATH...: the directories to mount so that PATH exists inside the container at the
+# same place (a file's directory; for a path not created yet, its parent). A path with neither on this host
+# cannot be mounted: refused before anything is queued.
+SPIN_CONTAINER_DIRS=()
+spin_container_path() {
+  [ -n "${SPIN_CONTAINER_IMAGE:-}" ] || return 0
+  local path dir
+  for path in "$@"; do
+    [ -n "$path" ] || continue
+    case "$path" in /*) ;; *) path=$(pwd -P)/$path ;; esac
+    if [ -d "$path" ]; then dir=$path; else dir=$(dirname "$path"); fi
+    [ -d "$dir" ] || spin_die "$path is outside every container mount: neither it nor its directory exists on this host"
+    SPIN_CONTAINER_DIRS+=("$(cd "$dir" && pwd -P)")
+  done
+}
+
+# The absolute paths among a command's arguments (PATH, --flag PATH, --flag=PATH, --set key=PATH) and, for
+# a config file, among its values: all must exist inside the container.
+spin_container_paths_in() {
+  [ -n "${SPIN_CONTAINER_IMAGE:-}" ] || return 0
+  local arg value
+  for arg in "$@"; do
+    value=${arg#*=}
+    case "$value" in /*) spin_container_path "$value" ;; esac
+    if [ -f "$arg" ] && [[ "$arg" == *.yaml || "$arg" == *.yml ]]; then
+      while read -r value; do
+        spin_container_path "$value"
+      done < <(grep -oE '^[^#]*:[[:space:]]+/[^[:space:]#]+' "$arg" | sed -E 's/^[^:]*:[[:space:]]+//')
+    fi
+  done
+}
+
+# SPIN_CONTAINER_ARGS: the pyxis options of every step: the image, every needed directory mounted at its
+# own path (no home directory: it would shadow the image's and differs between users), and one named
+# container per job, imported once and reused by all its steps and requeued attempts.
+spin_container_args() {
+  SPIN_CONTAINER_ARGS=()
+  [ -n "${SPIN_CONTAINER_IMAGE:-}" ] || return 0
+  spin_container_path "$SPIN_WORKDIR" "$SPIN_LAUNCH_DIR"
+  [ -n "${SPIN_VENV:-}" ] && spin_container_path "$SPIN_VENV"
+  local mounts="" dir
+  for dir in $(printf '%s\n' "${SPIN_CONTAINER_DIRS[@]}" | sort -u); do
+    mounts="${mounts:+$mounts,}$dir:$dir"
+  done
+  [ -n "${SPIN_CONTAINER_MOUNTS:-}" ] && mounts="$mounts,$SPIN_CONTAINER_MOUNTS"
+  SPIN_CONTAINER_ARGS=(--container-image="$SPIN_CONTAINER_IMAGE" --container-mounts="$mounts"
+    --container-workdir="$SPIN_WORKDIR" --no-container-mount-home
+    --container-name="${SPIN_CONTAINER_NAME:-spin-${SLURM_JOB_ID:-job}}")
 }
 
 spin_check_container_support() {
   [ -n "${SPIN_CONTAINER_IMAGE:-}" ] || return 0
+  [ "$SPIN_DRY_RUN" = 1 ] && return 0  # printing the command needs no pyxis
   srun --help 2>&1 | grep -q -- '--container-image' \
     || spin_die "SPIN_CONTAINER_IMAGE is set but this srun has no --container-image option (the pyxis plugin is not installed)"
 }
@@ -248,6 +323,8 @@ spin_sbatch_args() {
     --output="$SPIN_WORKDIR/logs/%x-%j.log"
     --export=ALL)
   [ "$SPIN_GPUS_PER_NODE" -gt 0 ] && SPIN_SBATCH+=(--gpus-per-node="$SPIN_GPUS_PER_NODE")
+  [ "$SPIN_EXCLUSIVE" = 1 ] && SPIN_SBATCH+=(--exclusive)
+  [ -n "${SPIN_MEM:-}" ] && SPIN_SBATCH+=(--mem="$SPIN_MEM")
   [ -n "${SPIN_CPUS_PER_TASK:-}" ] && SPIN_SBATCH+=(--cpus-per-task="$SPIN_CPUS_PER_TASK")
   [ -n "${SPIN_PARTITION:-}" ] && SPIN_SBATCH+=(--partition="$SPIN_PARTITION")
   [ -n "${SPIN_ACCOUNT:-}" ] && SPIN_SBATCH+=(--account="$SPIN_ACCOUNT")
@@ -275,6 +352,9 @@ spin_submit() {
   [ -n "${SPIN_CPUS_PER_TASK:-}" ] && export SPIN_CPUS_PER_TASK
   [ -n "${SPIN_CONTAINER_IMAGE:-}" ] && export SPIN_CONTAINER_IMAGE
   [ -n "${SPIN_CONTAINER_MOUNTS:-}" ] && export SPIN_CONTAINER_MOUNTS
+  [ -n "${SPIN_CONTAINER_NAME:-}" ] && export SPIN_CONTAINER_NAME
+  export SPIN_EXCLUSIVE
+  [ -n "${SPIN_MEM:-}" ] && export SPIN_MEM
   # The job must not submit itself again.
   local arg args=()
   for arg in "$@"; do [ "$arg" = --submit ] || args+=("$arg"); done

@@ -3,7 +3,7 @@
 # on Slurm, resumable: every stage of `spin-mega run` is skipped once done, so running it again, in the
 # same job after a requeue or in a later job, continues where it stopped.
 #
-#   launch/spin_loop.sh CONFIG.yaml --workdir W [--mode allocation|chain] [--links K] \
+#   launch/spin_loop.sh CONFIG.yaml --workdir W [--mode allocation|chain] [--links K] [--nodes N] \
 #       [--gpus-per-node 8] [--partition P] [--account A] [--time 48:00:00] [--venv V] [--set key=value ...]
 #
 # --mode allocation (default)  one job; `spin-mega run` runs inside it. On the preemption signal the
@@ -14,24 +14,31 @@
 #                              For clusters whose time limit is shorter than the loop, or that do not
 #                              allow requeueing; jobs starting after the loop is complete exit at once.
 #                              A job that fails cancels the rest of the chain (--kill-on-invalid-dep).
-# Both run on ONE node: `spin-mega run` launches its training stage with torchrun on the node it runs
-# on (--nproc = GPUs per node). For training across nodes, run the stages with launch/generate.sbatch,
-# launch/train.sbatch and launch/convert.sbatch (see launch/README.md).
+# On one node (--nodes 1, the default) `spin-mega run` starts every stage on the node it runs on: one
+# vLLM engine per generation.tensor_parallel_size GPUs in parallel, training under torchrun with one rank
+# per GPU. On N > 1 nodes it runs with --launcher slurm: every stage is an srun step across the whole
+# allocation (generation sharded over every engine of every node, training over all N x ranks, conversion
+# and evaluation once), still resumable and preemptible stage by stage.
 #
 # Flags and defaults (launch/common.sh has the shared ones; each is also an environment variable):
 #   CONFIG            SPIN_CONFIG        required; `spin-mega run` without CONFIG (resume from W/config.yaml) is
 #                                        `spin_loop.sh W/config.yaml --workdir W`
 #   --mode M          SPIN_LOOP_MODE     allocation | chain (default allocation)
 #   --links K         SPIN_LOOP_LINKS    chain mode: number of jobs (default 4)
-#   --gpus-per-node G                    default 8: training processes on the node (0: one CPU process)
+#   --nodes N                            default 1; N > 1: the stages run as srun steps across N nodes
+#   --gpus-per-node G                    default 8 (inside the job: the GPUs the allocation granted)
+#   --ranks-per-node R SPIN_RANKS_PER_NODE  training ranks per node, default G (1 without GPUs)
+#   --exclusive (default) / --no-exclusive, --mem M: whole nodes with all their memory by default
 #   --signal-seconds S                   default 600: warning before the time limit (checkpoint time)
-#   --container-image IMG                the batch job itself runs in the image (pyxis' sbatch support)
+#   --container-image IMG                one node only: `spin-mega run` runs as an srun step in the image
+#                                        (the batch script, and so `scontrol requeue`, stay on the host)
 #   Everything else (--set key=value) goes to `spin-mega run` unchanged.
 #
-# Preemption inside the job: SIGUSR1/SIGTERM reaching this script are passed as SIGUSR1 to the training
-# processes of `spin-mega run` only (found among its descendants), which checkpoint and exit 75; if no
-# training is running, the current stage is stopped (stages write their outputs atomically, so an
-# interrupted stage simply runs again).
+# Preemption inside the job: SIGUSR1/SIGTERM reaching this script are passed as SIGUSR1 to `spin-mega run`
+# alone, which passes them to its running stage (spin_mega/loop_stages.py): to the training ranks (never the
+# torchrun agent, which ignores SIGUSR1), which checkpoint and exit 75, or to srun, which relays them to
+# every task; any other stage is stopped and runs again on resume. The loop then exits 75 and the job
+# requeues itself.
 #
 #SBATCH --job-name=spin-loop
 #SBATCH --nodes=1
@@ -54,27 +61,6 @@ SPIN_LAUNCH_DIR=$(cd "$_spin_dir" && pwd -P)
 source "$SPIN_LAUNCH_DIR/common.sh"
 
 # Preemption inside the job (see the header); installed first so that no signal is lost while validating.
-_spin_descendants() {
-  local -A children=()
-  local stat line pid rest ppid
-  for stat in /proc/[0-9]*/stat; do
-    read -r line <"$stat" 2>/dev/null || continue
-    pid=${line%% *}
-    rest=${line##*) }
-    read -r _ ppid _ <<<"$rest"  # state, ppid, ...
-    children[$ppid]+=" $pid"
-  done
-  local queue=("$1") p c
-  while [ ${#queue[@]} -gt 0 ]; do
-    p=${queue[0]}
-    queue=("${queue[@]:1}")
-    for c in ${children[$p]:-}; do
-      echo "$c"
-      queue+=("$c")
-    done
-  done
-}
-
 _SPIN_RUN_PID=""
 _spin_loop_forward() {
   if [ "$_SPIN_REQUEUED" = 1 ]; then
@@ -83,19 +69,8 @@ _spin_loop_forward() {
   fi
   SPIN_PREEMPTED=1
   [ -n "$_SPIN_RUN_PID" ] || { spin_log "received SIG$1 before spin-mega run started"; return; }
-  local pid cmd trainers=()
-  for pid in $(_spin_descendants "$_SPIN_RUN_PID"); do
-    cmd=$( { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null) || continue  # it may have exited meanwhile
-    case " $cmd" in *" -m spin_mega train "*|*"/spin-mega train "*) trainers+=("$pid") ;; esac
-  done
-  if [ ${#trainers[@]} -gt 0 ]; then
-    spin_log "received SIG$1: asking the ${#trainers[@]} training process(es) to checkpoint and stop (SIGUSR1)"
-    kill -USR1 "${trainers[@]}" 2>/dev/null || true
-  else
-    spin_log "received SIG$1 with no training running: stopping the current stage (it runs again on resume)"
-    # shellcheck disable=SC2046
-    kill -TERM "$_SPIN_RUN_PID" $(_spin_descendants "$_SPIN_RUN_PID") 2>/dev/null || true
-  fi
+  spin_log "received SIG$1: asking spin-mega run to stop its stage (training ranks checkpoint) and exit (SIGUSR1)"
+  kill -USR1 "$_SPIN_RUN_PID" 2>/dev/null || true
 }
 trap '_spin_loop_forward USR1' USR1
 trap '_spin_loop_forward TERM' TERM
@@ -107,14 +82,15 @@ RUN_ARGS=()
 set -- "${SPIN_ARGS[@]+"${SPIN_ARGS[@]}"}"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --mode|--links)
+    --mode|--links|--ranks-per-node)
       [ $# -ge 2 ] || spin_die "$1 needs a value"
-      if [ "$1" = --mode ]; then SPIN_LOOP_MODE=$2; else SPIN_LOOP_LINKS=$2; fi
+      case "$1" in --mode) SPIN_LOOP_MODE=$2 ;; --links) SPIN_LOOP_LINKS=$2 ;; *) SPIN_RANKS_PER_NODE=$2 ;; esac
       shift 2
       ;;
     --mode=*) SPIN_LOOP_MODE=${1#*=}; shift ;;
     --links=*) SPIN_LOOP_LINKS=${1#*=}; shift ;;
-    --nproc|--nproc=*) spin_die "--nproc follows from --gpus-per-node here" ;;
+    --ranks-per-node=*) SPIN_RANKS_PER_NODE=${1#*=}; shift ;;
+    --nproc|--nproc=*|--launcher|--launcher=*) spin_die "$1 follows from --ranks-per-node and --nodes here" ;;
     --set) [ $# -ge 2 ] || spin_die "--set needs a value"; RUN_ARGS+=("$1" "$2"); shift 2 ;;
     -*) RUN_ARGS+=("$1"); shift ;;
     *)
@@ -134,29 +110,34 @@ SPIN_CONFIG=$(cd "$(dirname "$SPIN_CONFIG")" && pwd -P)/$(basename "$SPIN_CONFIG
 
 spin_check_workdir
 spin_setup_python
-# One orchestrating process; its training stage starts one process per GPU itself.
-if [ "$SPIN_GPUS_PER_NODE" -gt 0 ]; then NPROC=$SPIN_GPUS_PER_NODE; else NPROC=1; fi
-SPIN_TASKS_PER_NODE=1
-if [ -n "${SPIN_NODES:-}" ] && [ "$SPIN_NODES" != 1 ]; then
-  spin_die "spin-mega run trains on one node (torchrun on the node it runs on), not $SPIN_NODES: use --nodes 1, or launch/train.sbatch for training across nodes"
+if [ -z "${SPIN_RANKS_PER_NODE:-}" ]; then
+  if [ "$SPIN_GPUS_PER_NODE" -gt 0 ]; then SPIN_RANKS_PER_NODE=$SPIN_GPUS_PER_NODE; else SPIN_RANKS_PER_NODE=1; fi
 fi
+_spin_is_uint "$SPIN_RANKS_PER_NODE" && [ "$SPIN_RANKS_PER_NODE" -gt 0 ] \
+  || spin_die "--ranks-per-node must be a positive whole number, got '$SPIN_RANKS_PER_NODE'"
 spin_check_layout 1 1
-[ "$SPIN_NODES" = 1 ] || spin_die "spin-mega run trains on one node (torchrun on the node it runs on), but the allocation has $SPIN_NODES"
+if [ "$SPIN_NODES" -gt 1 ]; then
+  # The loop runs on the batch host and starts its stages as srun steps: one task per training rank.
+  LAUNCHER=slurm
+  SPIN_TASKS_PER_NODE=$SPIN_RANKS_PER_NODE
+  [ -z "${SPIN_CONTAINER_IMAGE:-}" ] \
+    || spin_die "--container-image runs the loop on one node (its srun steps cannot be started from inside the image): use --nodes 1, or the stage scripts for several nodes"
+else
+  # One orchestrating process; its training stage starts the ranks itself (torchrun).
+  LAUNCHER=local
+  SPIN_TASKS_PER_NODE=1
+fi
+SPIN_WORLD_SIZE=$((SPIN_NODES * SPIN_RANKS_PER_NODE))
+spin_container_paths_in "$SPIN_CONFIG" "${RUN_ARGS[@]+"${RUN_ARGS[@]}"}"
 if [ -z "${SPIN_CONTAINER_IMAGE:-}" ]; then
   spin_read_config "$SPIN_CONFIG" "${RUN_ARGS[@]+"${RUN_ARGS[@]}"}"
-  SPIN_WORLD_SIZE=$NPROC
-  [ $((NPROC % (SPIN_CFG_TP * SPIN_CFG_PP))) -eq 0 ] \
-    || spin_die "tensor parallel $SPIN_CFG_TP x pipeline parallel $SPIN_CFG_PP does not divide the $NPROC training processes of the node"
+  [ $((SPIN_WORLD_SIZE % (SPIN_CFG_TP * SPIN_CFG_PP))) -eq 0 ] \
+    || spin_die "tensor parallel $SPIN_CFG_TP x pipeline parallel $SPIN_CFG_PP does not divide the $SPIN_WORLD_SIZE training ranks ($SPIN_NODES nodes x $SPIN_RANKS_PER_NODE)"
   spin_check_batch "$SPIN_CFG_GBS" "$SPIN_CFG_MBS" "$SPIN_CFG_TP" "$SPIN_CFG_PP"
 fi
 
 if ! spin_in_allocation; then
-  export SPIN_LOOP_MODE
-  if [ -n "${SPIN_CONTAINER_IMAGE:-}" ]; then
-    # The orchestrator must see its stages' processes to pass the preemption signal on, so the batch
-    # script itself runs in the container (pyxis supports --container-image on sbatch).
-    SPIN_SBATCH_ARGS="${SPIN_SBATCH_ARGS:-} --container-image=$SPIN_CONTAINER_IMAGE --container-mounts=$SPIN_WORKDIR:$SPIN_WORKDIR,$SPIN_LAUNCH_DIR:$SPIN_LAUNCH_DIR${SPIN_CONTAINER_MOUNTS:+,$SPIN_CONTAINER_MOUNTS}"
-  fi
+  export SPIN_LOOP_MODE SPIN_RANKS_PER_NODE
   if [ "$SPIN_LOOP_MODE" = allocation ]; then
     spin_submit loop "$SPIN_LAUNCH_DIR/spin_loop.sh" "${SPIN_ORIG_ARGS[@]+"${SPIN_ORIG_ARGS[@]}"}"
     exit 0
@@ -176,15 +157,26 @@ if ! spin_in_allocation; then
 fi
 
 
+spin_check_container_support
 spin_setup_logs
-spin_log "job ${SLURM_JOB_ID} attempt ${SLURM_RESTART_COUNT:-0} ($SPIN_LOOP_MODE mode): spin-mega run with $NPROC training process(es) on $(hostname), work directory $SPIN_WORKDIR"
+spin_log "job ${SLURM_JOB_ID} attempt ${SLURM_RESTART_COUNT:-0} ($SPIN_LOOP_MODE mode): spin-mega run on $SPIN_NODES node(s) x $SPIN_RANKS_PER_NODE training rank(s) ($LAUNCHER stages) from $(hostname), work directory $SPIN_WORKDIR"
 spin_network_report
-RUN_CMD=("${SPIN_MEGA[@]}" run "$SPIN_CONFIG" --workdir "$SPIN_WORKDIR" --nproc "$NPROC" "${RUN_ARGS[@]+"${RUN_ARGS[@]}"}")
+RUN_CMD=("${SPIN_MEGA[@]}" run "$SPIN_CONFIG" --workdir "$SPIN_WORKDIR" --nproc "$SPIN_RANKS_PER_NODE" --launcher "$LAUNCHER"
+  "${RUN_ARGS[@]+"${RUN_ARGS[@]}"}")
+if [ -n "${SPIN_CONTAINER_IMAGE:-}" ]; then
+  # In the image, as one srun step with every CPU of the node; this script (and `scontrol requeue`)
+  # stays on the host. Slurm signals every process of a step: the loop's stages tolerate that.
+  SPIN_STEP_NAME=run
+  SPIN_STEP_NODES=1
+  SPIN_STEP_TASKS_PER_NODE=1
+  spin_srun_cmd
+  RUN_CMD=("${SPIN_SRUN[@]}" "${RUN_CMD[@]}")
+fi
 if [ "$SPIN_DRY_RUN" = 1 ]; then
   echo "${RUN_CMD[*]}"
   exit 0
 fi
-# Not under srun: srun would hand the signal to every process of the step, the orchestrator included.
+# Not under srun without a container: the loop alone gets the signal and passes it to its stage.
 "${RUN_CMD[@]}" >>"$SPIN_LOG_DIR/run.log" 2>&1 &
 _SPIN_RUN_PID=$!
 spin_log "spin-mega run (pid $_SPIN_RUN_PID) logs to $SPIN_LOG_DIR/run.log"
@@ -200,6 +192,6 @@ if [ "$SPIN_LOOP_MODE" = chain ]; then
   fi
   exit "$rc"
 fi
-# `spin-mega run` under torchrun reports an interrupted training as a failed stage (torchrun folds the
-# trainer's 75 into 1): after our own signal every non-zero end means "resume me".
+# After our own signal every non-zero end means "resume me" (a signal that lands between two stages ends
+# the loop before it can answer 75).
 spin_finish "$rc" 1

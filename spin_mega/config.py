@@ -154,6 +154,9 @@ class GenerationConfig:
     enforce_eager: bool = False
     batch_size: int = 64  # prompts per hf-backend batch and per flush of results to disk
     dtype: str = "auto"
+    # Engines `spin-mega run` starts per node, each answering a shard of the prompts: 0 = one per
+    # tensor_parallel_size GPUs of the node (one on CPU).
+    engines: int = 0
 
 
 @dataclass

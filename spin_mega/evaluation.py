@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -163,3 +164,41 @@ def _heldout_metrics(model_dir: Path, rows: list[dict], cfg: EvalConfig, opponen
             {"prompt": r["prompt"], "answer": r["answer"], "response": text} for r, text in list(zip(rows, responses))[:5]
         ]
     return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m spin_mega.evaluation`: one evaluation in a process of its own (the loop's evaluation
+    stage), so that the model's memory, on a GPU the CUDA context and cached blocks, goes when it exits."""
+    import argparse
+    import json
+
+    from spin_mega.config import load_config
+    from spin_mega.io import atomic_write_json
+
+    parser = argparse.ArgumentParser(prog="python -m spin_mega.evaluation")
+    parser.add_argument("--config", required=True, help="the run's config (its eval section is used)")
+    parser.add_argument("--model", required=True, help="HF model directory to evaluate")
+    parser.add_argument("--heldout", required=True, help="JSONL of held-out rows: prompt, response[, answer]")
+    parser.add_argument("--out", required=True, help="where to write the evaluation (JSON, atomically)")
+    parser.add_argument("--opponent", default=None, help="HF directory of the opponent, for held-out reward accuracy")
+    parser.add_argument("--pairs", default=None, help="JSONL of held-out pairs: prompt, chosen, rejected")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, [])
+
+        def rows(path: str) -> list[dict]:
+            return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+        pairs = rows(args.pairs) if args.pairs and Path(args.pairs).is_file() else None
+        result = evaluate(
+            args.model, rows(args.heldout), cfg.eval, opponent_dir=args.opponent, heldout_pairs=pairs, chat=cfg.data
+        )
+    except SpinMegaError as exc:
+        print(f"spin-mega evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,13 @@
 """The SPIN loop (`spin-mega run`): for t = 0..T-1, theta_t generates, theta_(t+1) is trained against it.
 
-Every stage runs as its own process (the vLLM engine, the torchrun training job, the converter), as the
-Slurm driver in launch/ runs them as jobs; memory is returned between stages and a crash in one stage
-leaves the others' outputs intact. Each stage writes its outputs under a temporary name, renames them into
+Every stage runs in processes of its own (vLLM engines, the training ranks, the converter, the evaluation),
+on this node or as srun steps across a Slurm allocation (spin_mega/loop_stages.py): memory is returned
+between stages and a crash in one stage leaves the others' outputs intact. Each stage writes its outputs under a temporary name, renames them into
 place and then marks itself done, so re-running the same command resumes at the first unfinished stage.
 
     WORKDIR/config.yaml                    the resolved config (a re-run must not change it silently)
     WORKDIR/start_mcore/                   theta_0 imported into Megatron format (when it starts from HF)
+    WORKDIR/heldout.jsonl                  the held-out rows every evaluation reads
     WORKDIR/baseline_eval.json             evaluation of theta_0
     WORKDIR/iter_<t>/prompts.jsonl         this iteration's SFT prompts (+ held-out prompts)
     WORKDIR/iter_<t>/generations.jsonl     prompt_id, prompt, chosen (human), rejected (theta_t), meta
@@ -21,14 +22,9 @@ place and then marks itself done, so re-running the same command resumes at the 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,76 +34,22 @@ import yaml
 from spin_mega.config import SpinConfig, config_from_dict, config_to_dict, dump_config, per_iteration
 from spin_mega.errors import SpinMegaError, TrainingUnhealthy
 from spin_mega.io import atomic_write_json, atomic_write_text, read_jsonl
+from spin_mega.loop_stages import EXIT_PREEMPTED, Preempted, StageFailed, log, make_launcher, spin_mega_cmd  # noqa: F401
 from spin_mega.models import checkpoint as model_ckpt
-from spin_mega.parallel.distributed import free_port
 
-EXIT_PREEMPTED = 75
 HELDOUT_PREFIX = "heldout/"
 
 
-def log(msg: str) -> None:
-    print(f"[spin-mega run] {msg}", file=sys.stderr, flush=True)
-
-
-class StageFailed(SpinMegaError):
-    pass
-
-
-class Preempted(Exception):
-    """Training stopped on a signal after saving a checkpoint; re-running the loop resumes it."""
-
-
-def _subprocess(
-    cmd: list[str], what: str, log_path: Path, env: Optional[dict] = None, preempted: Optional[Path] = None
-) -> int:
-    """Runs a stage's command with its output teed to a log file in the work directory.
-
-    SIGTERM and SIGUSR1 (Slurm's preemption notices) are passed on to the stage, and the loop waits for it:
-    the trainer answers them by checkpointing at the next step boundary and exiting 75."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    full_env = dict(os.environ, **(env or {}))
-    with open(log_path, "a") as handle:
-        handle.write(f"\n$ {' '.join(cmd)}\n")
-        handle.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
-
-        def forward(signum, frame):
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
-
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-        try:
-            tail: list[str] = []
-            for line in proc.stdout:
-                handle.write(line)
-                # Progress bars and stage messages go to the terminal; library warnings stay in the log.
-                if line.startswith("[spin-mega") or "%|" in line or line.startswith("spin-mega"):
-                    sys.stderr.write(line)
-                tail = (tail + [line.rstrip()])[-20:]
-            code = proc.wait()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    if code != 0 and preempted is not None and preempted.is_file():
-        code = EXIT_PREEMPTED  # under torchrun the trainer's 75 arrives as 1; its marker file tells
-    if code not in (0, EXIT_PREEMPTED):
-        errors = [t for t in tail if "error" in t.lower()]
-        detail = (errors or tail or ["no output"])[-1]
-        raise StageFailed(f"{what} failed (exit {code}): {detail} (full log: {log_path})")
-    return code
-
-
-def spin_mega_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spin_mega", *args]
-
-
 class SpinLoop:
-    def __init__(self, cfg: SpinConfig, workdir: Path, nproc: int = 1, sft_data: Optional[str] = None):
+    def __init__(self, cfg: SpinConfig, workdir: Path, nproc: int = 1, sft_data: Optional[str] = None,
+                 launcher: str = "local"):
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.nproc = nproc
         self.sft_data = sft_data or cfg.data.train_path
         self.config_path = self.workdir / "config.yaml"
+        # Starts every stage in processes of its own: on this node, or as srun steps across an allocation.
+        self.stages = make_launcher(launcher, cfg, self.workdir, nproc)
 
     # ---- bookkeeping --------------------------------------------------------------------------------
     def _done(self, stage_dir: Path, stage: str) -> bool:
@@ -170,18 +112,16 @@ class SpinLoop:
             self._stage(self.workdir, "export_start", "export theta_0 to HF", lambda: self._export(start, self.workdir / "start_hf"))
         else:
             def run():
-                _subprocess(
-                    spin_mega_cmd("convert", "hf-to-mcore", "--hf", str(start), "--out", str(self.workdir / "start_mcore"),
-                                  "--tp", str(self.cfg.parallel.tensor_parallel), "--pp", str(self.cfg.parallel.pipeline_parallel)),
+                self.stages.convert(
+                    ["hf-to-mcore", "--hf", str(start), "--out", str(self.workdir / "start_mcore"),
+                     "--tp", str(self.cfg.parallel.tensor_parallel), "--pp", str(self.cfg.parallel.pipeline_parallel)],
                     "importing the start model", self.workdir / "logs" / "convert.log",
                 )
             self._stage(self.workdir, "import_start", "import theta_0 into Megatron format", run)
 
     def _export(self, mcore: Path, out: Path) -> None:
-        _subprocess(
-            spin_mega_cmd("convert", "mcore-to-hf", "--mcore", str(mcore), "--out", str(out)),
-            f"exporting {mcore}", self.workdir / "logs" / "convert.log",
-        )
+        self.stages.convert(["mcore-to-hf", "--mcore", str(mcore), "--out", str(out)],
+                            f"exporting {mcore}", self.workdir / "logs" / "convert.log")
 
     def _prompts(self, t: int, it_dir: Path) -> None:
         from spin_mega.data import drop_incomplete, load_rows, subsample
@@ -219,15 +159,12 @@ class SpinLoop:
     def _generate(self, t: int, it_dir: Path) -> None:
         combined = it_dir / "all_generations.jsonl"
         seed = self.cfg.generation.seed + t
-        _subprocess(
-            spin_mega_cmd(
-                "generate", str(self.config_path), "--model", str(self.hf_model(t)), "--data", str(it_dir / "prompts.jsonl"),
-                "--out", str(combined), "--set", f"generation.seed={seed}",
-                # One engine for the whole prompt set, even inside a multi-task Slurm allocation (whose
-                # SLURM_PROCID/SLURM_NTASKS the generator would otherwise read as a shard assignment).
-                "--shard-index", "0", "--num-shards", "1",
-            ),
-            f"generation of iteration {t}", it_dir / "logs" / "generate.log",
+        # Sharded over the launcher's engines (each shard index set explicitly, never read from the
+        # SLURM_PROCID/SLURM_NTASKS of an enclosing allocation) and merged into `combined`.
+        self.stages.generate(
+            [str(self.config_path), "--model", str(self.hf_model(t)), "--data", str(it_dir / "prompts.jsonl"),
+             "--set", f"generation.seed={seed}"],
+            combined, f"generation of iteration {t}", it_dir / "logs",
         )
         rows = read_jsonl(combined)
         train = [r for r in rows if not str(r["prompt_id"]).startswith(HELDOUT_PREFIX)]
@@ -265,27 +202,14 @@ class SpinLoop:
             "--set", f"optim.lr={per_iteration(self.cfg.iterations.lr, t)}",
             "--set", f"loss.beta={per_iteration(self.cfg.iterations.beta, t)}",
         ]
-        if self.nproc > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}", "-m", "spin_mega", *args]
-            env = None
-        else:
-            cmd = spin_mega_cmd(*args)
-            # A single local rank, stated explicitly: inside a Slurm allocation the trainer would otherwise take
-            # SLURM_NTASKS ranks from the environment and wait for peers that were never started.
-            env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         from spin_mega.training.trainer import PREEMPTED_MARKER
 
         self._refuse_unhealthy(t, it_dir)
         try:
-            code = _subprocess(
-                cmd, f"training of iteration {t}", it_dir / "logs" / "train.log", env=env,
-                preempted=it_dir / "train" / PREEMPTED_MARKER,
-            )
+            self.stages.train(args, f"training of iteration {t}", it_dir / "logs" / "train.log", it_dir / "train" / PREEMPTED_MARKER)
         except StageFailed:
             self._refuse_unhealthy(t, it_dir)  # under torchrun the trainer's own status arrives as 1
             raise
-        if code == EXIT_PREEMPTED:
-            raise Preempted(f"training of iteration {t} was preempted; its checkpoint is saved")
 
     def _refuse_unhealthy(self, t: int, it_dir: Path) -> None:
         """theta_(t+1) is not exported, generated from or evaluated once its training stopped unhealthy."""
@@ -302,11 +226,17 @@ class SpinLoop:
         )
 
     def _evaluate(self, model_dir: Path, out: Path, opponent: Optional[Path], heldout_pairs: Optional[Path]) -> None:
-        from spin_mega.evaluation import evaluate
-
-        pairs = read_jsonl(heldout_pairs) if heldout_pairs and heldout_pairs.is_file() else None
-        result = evaluate(model_dir, self.heldout_rows, self.cfg.eval, opponent_dir=opponent, heldout_pairs=pairs, chat=self.cfg.data)
-        atomic_write_json(out, result)
+        # In a process of its own: a model loaded here would keep its memory (on a GPU, a CUDA context and
+        # cached blocks on GPU 0) for the rest of the run.
+        heldout = self.workdir / "heldout.jsonl"
+        if not heldout.is_file():
+            atomic_write_text(heldout, "".join(json.dumps(r) + "\n" for r in self.heldout_rows))
+        args = ["--config", str(self.config_path), "--model", str(model_dir), "--heldout", str(heldout), "--out", str(out)]
+        if opponent is not None:
+            args += ["--opponent", str(opponent)]
+        if heldout_pairs is not None:
+            args += ["--pairs", str(heldout_pairs)]
+        self.stages.evaluate(args, f"evaluation of {model_dir}", self.workdir / "logs" / "evaluate.log")
 
     def _iteration_summary(self, t: int) -> dict:
         it_dir = self.workdir / f"iter_{t}"
@@ -360,11 +290,11 @@ class SpinLoop:
         if not self.sft_data:
             raise SpinMegaError("data.train_path is not set: point it at the SFT data (prompt, response)")
         self._write_config()
-        self._import_start()
-        if self.heldout_rows or self.cfg.eval.lm_eval_tasks:
-            self._stage(self.workdir, "baseline_eval", "evaluate theta_0",
-                        lambda: self._evaluate(self.hf_model(0), self.workdir / "baseline_eval.json", None, None))
         try:
+            self._import_start()
+            if self.heldout_rows or self.cfg.eval.lm_eval_tasks:
+                self._stage(self.workdir, "baseline_eval", "evaluate theta_0",
+                            lambda: self._evaluate(self.hf_model(0), self.workdir / "baseline_eval.json", None, None))
             for t in range(self.cfg.iterations.num_iterations):
                 it_dir = self.workdir / f"iter_{t}"
                 it_dir.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,11 @@ class GenerationOutput:
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
-    """A sampling seed per prompt, derived from the run's seed and the prompt id: a prompt's sample
-    then does not depend on which other prompts share its batch, so a resumed or sharded run draws
-    what an uninterrupted one would have (exactly with vLLM, whose seeds are per request)."""
+    """A sampling seed per prompt, derived from the run's seed and the prompt id, so that a prompt's random
+    draws do not depend on which other prompts share its batch or shard. The sample itself is reproduced
+    exactly across resumption and sharding only where the logits are too: on CPU, and on GPUs with vLLM's
+    batch-invariant mode (VLLM_BATCH_INVARIANT=1). Otherwise GPU kernels reduce in an order that depends
+    on the batch, and a shard's samples may differ from an unsharded run's (equally distributed, not equal)."""
     digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
@@ -108,13 +110,15 @@ class GenerationBackend(ABC):
 
 
 def make_backend(
-    name: str, model_dir: str | Path, config: GenerationConfig, tokenizer_dir: Optional[str | Path] = None
+    name: str, model_dir: str | Path, config: GenerationConfig, tokenizer_dir: Optional[str | Path] = None,
+    max_prompt_tokens: Optional[int] = None,
 ) -> GenerationBackend:
-    """The backend called `name` ("vllm" or "hf"), loaded with `model_dir`."""
+    """The backend called `name` ("vllm" or "hf"), loaded with `model_dir`. `max_prompt_tokens` bounds the
+    prompts it will get (vLLM then sizes its context, and so its KV cache, to prompt + new tokens)."""
     if name == "vllm":
         from spin_mega.generation.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model_dir, config, tokenizer_dir)
+        return VLLMBackend(model_dir, config, tokenizer_dir, max_prompt_tokens=max_prompt_tokens)
     if name == "hf":
         from spin_mega.generation.hf_backend import HFBackend
 

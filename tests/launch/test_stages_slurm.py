@@ -82,13 +82,24 @@ def _assert_loop_finished(workdir: Path) -> None:
     assert (workdir / "iter_0" / "hf" / "config.json").is_file()
 
 
-def test_loop_in_one_allocation_requeues_and_resumes(slurm_cluster, tiny_loop, tmp_path):
-    (job,) = _submit(slurm_cluster, "spin_loop.sh", tmp_path, str(tiny_loop["config"]))
+def test_loop_in_one_allocation_with_torchrun_requeues_and_resumes(slurm_cluster, tiny_loop, tmp_path):
+    # Two training ranks under torchrun and two generation engines in parallel, on one node.
+    (job,) = _submit(slurm_cluster, "spin_loop.sh", tmp_path, str(tiny_loop["config"]), "--ranks-per-node", "2",
+                     "--set", "generation.engines=2")
     _signal_during_training(slurm_cluster, job, tmp_path, "spin-loop")
     info = _completed(slurm_cluster, job, tmp_path, "spin-loop")
     log = _log(tmp_path, "spin-loop", job)
     assert int(info["Restarts"]) == 1, log
-    assert "training process(es) to checkpoint" in log and "requeueing job" in log
+    assert "asking spin-mega run to stop its stage" in log and "requeueing job" in log
+    first = (tmp_path / "logs" / f"spin-loop-{job}" / "attempt-0" / "run.log").read_text()
+    # The ranks checkpointed and stopped (the torchrun agent ignored the signal and reported their exit),
+    # rather than dying with an orphaned agent or being killed.
+    assert "training of iteration 0 was preempted; its checkpoint is saved" in first, first[-3000:]
+    assert "2 engines in parallel" in first
+    assert sorted(p.name for p in (tmp_path / "iter_0" / "logs").glob("generate-shard-*.log")) == [
+        "generate-shard-0.log", "generate-shard-1.log"]
+    train_log = (tmp_path / "iter_0" / "logs" / "train.log").read_text()
+    assert "--nproc-per-node=2" in train_log and "--master-port=29500" not in train_log
     second = (tmp_path / "logs" / f"spin-loop-{job}" / "attempt-1" / "run.log").read_text()
     assert "generate with theta_0: done earlier, skipped" in second
     _assert_loop_finished(tmp_path)

@@ -56,3 +56,37 @@ def test_evaluate_reports_every_metric(tiny_model):
 )
 def test_extract_answer(response, answer):
     assert extract_answer(response) == answer
+
+
+def test_evaluation_stage_process_reports_what_evaluate_reports(tiny_model, tmp_path):
+    """The loop's evaluation stage (`python -m spin_mega.evaluation`, a process of its own so that the
+    model's memory leaves with it) passes the config's eval section, the opponent and the pairs through."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.support import REPO
+
+    heldout = [{"prompt": "What is 2 plus 3?", "response": "2 plus 3 is 5.", "answer": "5"},
+               {"prompt": "Repeat after me: frog", "response": "You said: frog.", "answer": "frog"}]
+    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "no idea"} for r in heldout]
+    config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
+    config["eval"].update(max_samples=8, max_new_tokens=6)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    for name, rows in (("heldout.jsonl", heldout), ("pairs.jsonl", pairs)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "spin_mega.evaluation", "--config", str(tmp_path / "c.yaml"), "--model", str(tiny_model),
+         "--heldout", str(tmp_path / "heldout.jsonl"), "--out", str(out), "--opponent", str(tiny_model),
+         "--pairs", str(tmp_path / "pairs.jsonl")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = evaluate(tiny_model, heldout, EvalConfig(max_samples=8, max_new_tokens=6), opponent_dir=tiny_model,
+                        heldout_pairs=pairs)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(expected))
+    missing = subprocess.run([sys.executable, "-m", "spin_mega.evaluation", "--config", str(tmp_path / "c.yaml"), "--model",
+                              str(tmp_path), "--heldout", str(tmp_path / "heldout.jsonl"), "--out", str(tmp_path / "x.json")],
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("spin-mega evaluate: error: cannot evaluate")
