@@ -49,8 +49,8 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(sft_max_steps=3000, sft_eval_every=150, sft_patience=3, num_prompts=1600, test_samples=600,
-                     validation_samples=300, spin_lrs=(1e-5, 3e-5, 1e-4), control_lrs=(1e-5, 3e-5, 1e-4)),
+    "full": DemoSize(sft_max_steps=1500, sft_eval_every=100, sft_patience=2, num_prompts=800, test_samples=600,
+                     validation_samples=300, spin_lrs=(3e-5, 1e-4, 3e-4), control_lrs=(3e-5, 1e-4, 3e-4)),
     "smoke": DemoSize(sft_max_steps=40, sft_eval_every=20, sft_patience=1, num_prompts=32, test_samples=24,
                       validation_samples=16, spin_lrs=(1e-5, 1e-4), control_lrs=(1e-5, 1e-4)),
 }
