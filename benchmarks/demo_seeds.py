@@ -68,6 +68,21 @@ def _seed_result(workdir: Path) -> dict:
     }
 
 
+def _partial(workdir: Path) -> dict:
+    """What an unfinished seed has measured so far, so that a stopped run is recorded as such, not hidden."""
+    out: dict = {"finished": False}
+    info = workdir / "start" / "sft" / "spin_mega_build.json"
+    if info.is_file():
+        sft = json.loads(info.read_text())
+        out["theta0_sft"] = {"steps": sft["steps"], "kept_step": sft["kept_step"], "validation": sft["validation"]}
+    out["spin_grid"] = [json.loads(p.read_text()) for p in sorted((workdir / "grid").glob("spin_lr_*/validation.json"))]
+    out["control_grid"] = [json.loads(p.read_text()) for p in sorted((workdir / "grid").glob("control_lr_*.json"))]
+    summary = workdir / "summary.json"
+    if summary.is_file():
+        out["summary"] = json.loads(summary.read_text())
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -84,7 +99,8 @@ def main(argv=None) -> int:
         timing = workdir / "demo_wall_time.json"
         if not timing.is_file():
             if args.collect_only:
-                print(f"seed {seed}: no finished demo in {workdir}", file=sys.stderr)
+                print(f"seed {seed}: no finished demo in {workdir}; recording what it measured so far", file=sys.stderr)
+                results[str(seed)] = _partial(workdir)
                 continue
             cmd = [sys.executable, "-m", "spin_mega", "demo", "--size", args.size, "--seed", str(seed), "--workdir", str(workdir)]
             if args.backend:
@@ -101,9 +117,10 @@ def main(argv=None) -> int:
             # A demo resumed from an interrupted earlier call would time only its remainder: the record says so.
             timing.write_text(json.dumps({"wall_s": wall, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
                                           "resumed": resumed}))
-        results[str(seed)] = _seed_result(workdir) | {"timing": json.loads(timing.read_text())}
+        results[str(seed)] = _seed_result(workdir) | {"finished": True, "timing": json.loads(timing.read_text())}
 
-    words = [r["spin_vs_control"]["word"] for r in results.values()]
+    finished = {seed: r for seed, r in results.items() if r["finished"]}
+    words = [r["spin_vs_control"]["word"] for r in finished.values()]
     out = {
         "benchmark": "demo_seeds",
         "size": args.size,
@@ -117,7 +134,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out["spin_vs_control"]))
-    for seed, r in results.items():
+    for seed, r in finished.items():
         print(f"seed {seed}: theta0 {r['theta0']['exact_match']:.3f}±{r['theta0']['se']:.3f}  "
               f"SPIN {r['spin']['exact_match']:.3f}±{r['spin']['se']:.3f}  control {r['control']['exact_match']:.3f}±{r['control']['se']:.3f}  "
               f"p={r['spin_vs_control']['p_value']:.3g} ({r['spin_vs_control']['word']})  lr SPIN {r['spin_lr']:g} control {r['control_lr']:g}  "
