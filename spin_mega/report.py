@@ -593,7 +593,7 @@ def _demo_lines(demo: dict) -> list[str]:
         lines.append(
             f"- θ0: SFT from a random init, validation loss measured every {sft.get('eval_every')} steps; stopped after "
             f"{sft.get('steps')} steps once {sft.get('patience')} measurements in a row failed to improve it beyond "
-            f"two paired standard errors; kept step {sft.get('kept_step')} (validation NLL/token "
+            f"two paired standard errors (each such measurement cut the learning rate 0.3×); kept step {sft.get('kept_step')} (validation NLL/token "
             f"{_fmt(sft.get('validation_nll'))}, training {_fmt(sft.get('train_nll'))})."
         )
     for arm, label in (("spin", "SPIN"), ("control", "SFT control")):

@@ -243,6 +243,7 @@ def sft_warmup(
     validation: Optional[Rows] = None,
     eval_every: int = 0,
     patience: int = 3,
+    plateau_factor: float = 0.3,
 ) -> dict:
     """Supervised fine-tuning of an HF causal LM on (prompt, response) rows: a plain PyTorch AdamW loop,
     cross-entropy on response tokens (and EOS) only, linear warm-up then `decay` ("cosine", "linear" or
@@ -252,7 +253,10 @@ def sft_warmup(
     With `validation` rows and `eval_every`, the validation loss (mean response-token NLL per row) is
     measured every `eval_every` steps and training stops at a plateau: once `patience` measurements in a
     row failed to beat the best one by more than two standard errors of the paired per-row difference
-    (i.e. by more than noise). The best measured weights are the ones written; `steps` is then a cap."""
+    (i.e. by more than noise). Each such measurement also cuts the learning rate by `plateau_factor`, so
+    that a plateau of a too-large step is not mistaken for the data's: continued SFT at a smaller rate
+    gets its chance before training stops. The best measured weights are the ones written; `steps` is
+    then a cap."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -279,13 +283,15 @@ def sft_warmup(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     warmup = max(1, int(warmup_ratio * steps))
 
+    scale = 1.0  # cut at each measurement that brought no gain beyond noise
+
     def lr_at(step: int) -> float:
         if step < warmup:
-            return lr * (step + 1) / warmup
+            return scale * lr * (step + 1) / warmup
         progress = (step - warmup) / max(1, steps - warmup)
         if decay == "cosine":
-            return lr * 0.5 * (1 + math.cos(math.pi * progress))
-        return lr * (1 - progress) if decay == "linear" else lr
+            return scale * lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return scale * (lr * (1 - progress) if decay == "linear" else lr)
 
     order: list[int] = []
     losses: list[float] = []
@@ -322,7 +328,7 @@ def sft_warmup(
                 improved = gain > 2 * se
             recent = losses[-eval_every:]
             history.append({"step": step + 1, "validation_nll": mean, "train_nll": sum(recent) / len(recent),
-                            "improved": bool(improved)})
+                            "improved": bool(improved), "lr": lr_at(step)})
             if log_every:
                 print(f"sft step {step + 1}: validation nll {mean:.4f} (train {history[-1]['train_nll']:.4f})"
                       f"{'' if improved else ' - no gain beyond noise'}", flush=True)
@@ -331,6 +337,7 @@ def sft_warmup(
                 stale = 0
             else:
                 stale += 1
+                scale *= plateau_factor
                 if stale >= patience:
                     break
     if best is not None:

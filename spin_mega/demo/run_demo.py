@@ -49,13 +49,13 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(sft_max_steps=1500, sft_eval_every=100, sft_patience=2, num_prompts=800, test_samples=600,
+    "full": DemoSize(sft_max_steps=1500, sft_eval_every=100, sft_patience=3, num_prompts=800, test_samples=600,
                      validation_samples=300, spin_lrs=(3e-5, 1e-4, 3e-4), control_lrs=(3e-5, 1e-4, 3e-4)),
     "smoke": DemoSize(sft_max_steps=40, sft_eval_every=20, sft_patience=1, num_prompts=32, test_samples=24,
                       validation_samples=16, spin_lrs=(1e-5, 1e-4), control_lrs=(1e-5, 1e-4)),
 }
 
-SFT_LR = 3e-3  # theta_0's from-scratch SFT (constant after warm-up, so the plateau is the data's, not the schedule's)
+SFT_LR = 3e-3  # theta_0's from-scratch SFT: constant after warm-up, cut 0.3x at each measurement without a gain
 # The two arms' shared optimizer family: Megatron's AdamW wrapper in SPIN's trainer, torch's AdamW for the control.
 ARM_OPTIM = {"optimizer": "adamw", "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.0,
              "warmup_ratio": 0.1, "decay": "linear", "clip_grad": 1.0}

@@ -85,14 +85,15 @@ def test_sft_warmup_lowers_the_response_loss(tiny_model, tmp_path):
 
 
 def test_sft_stops_at_the_validation_plateau_and_keeps_the_best_weights(tiny_model, tmp_path):
-    # lr 0 cannot improve the validation loss: the first measurement is the best, and after `patience`
-    # measurements without a gain beyond noise training stops, long before the step cap.
+    # lr 1e-9 cannot move the validation loss beyond noise: the first measurement is the best; each later
+    # one cuts the rate 0.3x, and after `patience` of them training stops, long before the step cap.
     rows = load_demo_rows("train")[:64]
     validation = load_demo_rows("validation")[:32]
-    result = sft_warmup(tiny_model, rows, steps=200, lr=0.0, out_dir=tmp_path / "flat", batch_size=8,
+    result = sft_warmup(tiny_model, rows, steps=200, lr=1e-9, out_dir=tmp_path / "flat", batch_size=8, warmup_ratio=0.0,
                         decay="constant", validation=validation, eval_every=4, patience=2)
     assert [h["step"] for h in result["validation"]] == [4, 8, 12]
     assert [h["improved"] for h in result["validation"]] == [True, False, False]
+    assert [h["lr"] for h in result["validation"]] == pytest.approx([1e-9, 1e-9, 3e-10])
     assert len(result["losses"]) == 12 and result["kept_step"] == 4
 
 
