@@ -590,11 +590,16 @@ def _demo_lines(demo: dict) -> list[str]:
     lines = []
     sft = demo.get("theta0") or {}
     if sft:
+        history = sft.get("history") or []
+        plateau = bool(history) and not history[-1].get("improved", True)
+        stop = (f"stopped after {sft.get('steps')} steps once {sft.get('patience')} measurements in a row failed to "
+                "improve it beyond two paired standard errors (each such measurement cut the learning rate 0.3×)"
+                if plateau else
+                f"reached its cap of {sft.get('steps')} steps while still improving: NOT at a plateau")
         lines.append(
-            f"- θ0: SFT from a random init, validation loss measured every {sft.get('eval_every')} steps; stopped after "
-            f"{sft.get('steps')} steps once {sft.get('patience')} measurements in a row failed to improve it beyond "
-            f"two paired standard errors (each such measurement cut the learning rate 0.3×); kept step {sft.get('kept_step')} (validation NLL/token "
-            f"{_fmt(sft.get('validation_nll'))}, training {_fmt(sft.get('train_nll'))})."
+            f"- θ0: SFT from a random init, validation loss measured every {sft.get('eval_every')} steps; {stop}; "
+            f"kept step {sft.get('kept_step')} (validation NLL/token {_fmt(sft.get('validation_nll'))}, "
+            f"training {_fmt(sft.get('train_nll'))})."
         )
     for arm, label in (("spin", "SPIN"), ("control", "SFT control")):
         grid = demo.get(arm) or {}

@@ -92,8 +92,8 @@ def validation_exact_match(model_dir: Path, rows: list[dict], max_new_tokens: in
 
 
 def _best(candidates: list[dict]) -> dict:
-    # Ties go to the smaller learning rate (the grid is ascending): the smaller step from theta_0.
-    return max(reversed(candidates), key=lambda c: c["validation_exact_match"])
+    # Ties go to the smaller learning rate (the grid is ascending, and max keeps the first of equals).
+    return max(candidates, key=lambda c: c["validation_exact_match"])
 
 
 def _copy_into(src: Path, dest: Path, names: tuple[str, ...]) -> None:
