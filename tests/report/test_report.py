@@ -316,3 +316,21 @@ def test_cli_writes_report(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (workdir / "report" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("last_improved, phrase", [(False, "stopped after 300 steps once 2 measurements"), (True, "NOT at a plateau")])
+def test_demo_selection_section(tmp_path, last_improved, phrase):
+    workdir = make_workdir(tmp_path)
+    summary = json.loads((workdir / "summary.json").read_text())
+    summary["demo"] = {
+        "theta0": {"steps": 300, "kept_step": 100, "eval_every": 100, "patience": 2, "validation_nll": 0.5, "train_nll": 0.6,
+                   "history": [{"step": 100, "improved": True}, {"step": 200, "improved": False}, {"step": 300, "improved": last_improved}]},
+        "spin": {"candidates": [{"lr": 3e-5, "validation_exact_match": 0.5}, {"lr": 1e-4, "validation_exact_match": 0.6}], "chosen_lr": 1e-4},
+        "control": {"candidates": [{"lr": 3e-5, "validation_exact_match": 0.55}], "chosen_lr": 3e-5},
+        "theta0_validation_exact_match": 0.52,
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    report = write_report(workdir).read_text()
+    assert phrase in report
+    assert "- SPIN learning rate 0.0001, chosen by validation exact match from: 3e-05 → 0.500, 0.0001 → 0.600." in report
+    assert "- SFT control learning rate 3e-05, chosen by validation exact match from: 3e-05 → 0.550." in report
