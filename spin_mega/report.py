@@ -593,7 +593,7 @@ def _demo_lines(demo: dict) -> list[str]:
         history = sft.get("history") or []
         plateau = bool(history) and not history[-1].get("improved", True)
         stop = (f"stopped after {sft.get('steps')} steps once {sft.get('patience')} measurements in a row failed to "
-                "improve it beyond two paired standard errors (each such measurement cut the learning rate 0.3×)"
+                "improve it by more than two paired standard errors and 1% (each such measurement cut the learning rate 0.3×)"
                 if plateau else
                 f"reached its cap of {sft.get('steps')} steps while still improving: NOT at a plateau")
         lines.append(

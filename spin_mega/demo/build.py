@@ -244,6 +244,7 @@ def sft_warmup(
     eval_every: int = 0,
     patience: int = 3,
     plateau_factor: float = 0.3,
+    min_gain: float = 0.01,
 ) -> dict:
     """Supervised fine-tuning of an HF causal LM on (prompt, response) rows: a plain PyTorch AdamW loop,
     cross-entropy on response tokens (and EOS) only, linear warm-up then `decay` ("cosine", "linear" or
@@ -253,7 +254,8 @@ def sft_warmup(
     With `validation` rows and `eval_every`, the validation loss (mean response-token NLL per row) is
     measured every `eval_every` steps and training stops at a plateau: once `patience` measurements in a
     row failed to beat the best one by more than two standard errors of the paired per-row difference
-    (i.e. by more than noise). Each such measurement also cuts the learning rate by `plateau_factor`, so
+    (i.e. by more than noise) and by more than `min_gain` of it (a consistent but negligible gain is
+    no gain). Each such measurement also cuts the learning rate by `plateau_factor`, so
     that a plateau of a too-large step is not mistaken for the data's: continued SFT at a smaller rate
     gets its chance before training stops. The best measured weights are the ones written; `steps` is
     then a cap."""
@@ -325,7 +327,7 @@ def sft_warmup(
                 diffs = [b - c for b, c in zip(best[0], per_row)]
                 gain = sum(diffs) / len(diffs)
                 se = (sum((d - gain) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
-                improved = gain > 2 * se
+                improved = gain > max(2 * se, min_gain * sum(best[0]) / len(best[0]))
             recent = losses[-eval_every:]
             history.append({"step": step + 1, "validation_nll": mean, "train_nll": sum(recent) / len(recent),
                             "improved": bool(improved), "lr": lr_at(step)})

@@ -85,7 +85,7 @@ def test_sft_warmup_lowers_the_response_loss(tiny_model, tmp_path):
 
 
 def test_sft_stops_at_the_validation_plateau_and_keeps_the_best_weights(tiny_model, tmp_path):
-    # lr 1e-9 cannot move the validation loss beyond noise: the first measurement is the best; each later
+    # lr 1e-9 moves the validation loss consistently but negligibly: the first measurement is the best; each later
     # one cuts the rate 0.3x, and after `patience` of them training stops, long before the step cap.
     rows = load_demo_rows("train")[:64]
     validation = load_demo_rows("validation")[:32]
