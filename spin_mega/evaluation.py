@@ -160,6 +160,8 @@ def _heldout_metrics(model_dir: Path, rows: list[dict], cfg: EvalConfig, opponen
         responses = greedy_responses(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, chat=chat)
         hits = [extract_answer(text) == str(r["answer"]).strip() for text, r in zip(responses, rows)]
         result["exact_match"] = sum(hits) / len(hits)
+        # Per item, in the held-out file's order: what a paired test between two models needs.
+        result["exact_match_items"] = [int(h) for h in hits]
         result["examples"] = [
             {"prompt": r["prompt"], "answer": r["answer"], "response": text} for r, text in list(zip(rows, responses))[:5]
         ]

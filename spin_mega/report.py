@@ -97,6 +97,7 @@ class RunData:
     iterations: list[Iteration]
     baseline: Optional[dict]  # EVAL of theta_0
     sft_control: Optional[dict]  # {"steps": int, "eval": EVAL}
+    demo: Optional[dict] = None  # the demo's model selection (summary.json "demo"), when present
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -208,7 +209,8 @@ def load_run(workdir: str | Path) -> RunData:
             baseline = _eval_or_none(_read_json(workdir / "baseline_eval.json", "the baseline evaluation"))
     control = summary.get("sft_control")
     control = control if isinstance(control, dict) and _eval_or_none(control.get("eval")) else None
-    return RunData(workdir, iterations, baseline, control)
+    demo = summary.get("demo") if isinstance(summary.get("demo"), dict) else None
+    return RunData(workdir, iterations, baseline, control, demo)
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -460,8 +462,27 @@ def _table(run: RunData) -> list[str]:
     return lines
 
 
+def _items(ev: Optional[dict]) -> Optional[list[int]]:
+    items = (ev or {}).get("exact_match_items")
+    if isinstance(items, list) and items and all(i in (0, 1) for i in items):
+        return [int(i) for i in items]
+    return None
+
+
+def paired_comparison(ours: Optional[dict], theirs: Optional[dict]):
+    """McNemar's test of two evaluations' per-item exact match, or None when either lacks them."""
+    from spin_mega.significance import mcnemar
+
+    a, b = _items(ours), _items(theirs)
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return mcnemar(a, b)
+
+
 def verdict(run: RunData) -> str:
-    """One plain sentence: did the last finished SPIN iteration beat the SFT control on the task metric?"""
+    """One plain sentence: did the last finished SPIN iteration beat, tie with or lose to the SFT control on
+    the task metric? "beat" and "lost to" are said only when a paired test on per-item exact match finds
+    the difference significant; without per-item results no verdict word is used at all."""
     finished = [it for it in run.iterations if it.finished]
     if run.sft_control is None:
         return "This run has no SFT control, so whether SPIN beat it cannot be said."
@@ -469,6 +490,17 @@ def verdict(run: RunData) -> str:
         return "No SPIN iteration has finished its evaluation yet, so it cannot be compared with the SFT control."
     last = finished[-1]
     control = run.sft_control["eval"]
+    test = paired_comparison(last.eval, control)
+    if test is not None:
+        from spin_mega.significance import ALPHA
+
+        return (
+            f"SPIN {test.word} the SFT control on held-out exact match: {test.a:.3f} ± {test.a_se:.3f} after "
+            f"iteration {last.t} versus {test.b:.3f} ± {test.b_se:.3f} for the SFT control (± one standard error, "
+            f"n = {test.n}; McNemar's exact test on the {test.a_only + test.b_only} items where they differ, "
+            f"SPIN right on {test.a_only} and the control on {test.b_only}: p = {test.p_value:.3g}, "
+            f"{'significant' if test.p_value < ALPHA else 'not significant'} at {ALPHA})."
+        )
     for key, name in (("exact_match", "held-out exact match"), ("heldout_logp_per_token", "held-out log-likelihood per token")):
         ours, theirs = _number(last.eval.get(key)), _number(control.get(key))
         if ours is not None and theirs is not None:
@@ -479,11 +511,112 @@ def verdict(run: RunData) -> str:
             "log-likelihood measurement, so they cannot be compared."
         )
     fallback = "" if key == "exact_match" else " (exact match was not measured for both, so the log-likelihood is used)"
-    outcome = "beat" if ours > theirs else "did not beat"
+    order = "higher than" if ours > theirs else ("lower than" if ours < theirs else "the same as")
     return (
-        f"SPIN {outcome} the SFT control on the held-out task metric in this run: {name} {ours:.4f} after "
-        f"iteration {last.t} versus {theirs:.4f} for the SFT control{fallback}."
+        f"SPIN scored {order} the SFT control: {name} {ours:.4f} after iteration {last.t} versus {theirs:.4f} "
+        f"for the SFT control{fallback}. Per-item results are missing, so no paired test was possible and "
+        "this run cannot say whether SPIN beat, tied or lost."
     )
+
+
+# A SPIN iteration that learns shows three things in its own training log: the loss leaves ln 2 (the
+# policy separates human from own responses), the reward margin grows, and the model's own samples lose
+# log-prob relative to the opponent (negative rejected reward). Each is judged on the last tenth of the
+# iteration's steps against its first tenth.
+LOSS_DROP = 0.1  # "well below ln 2": at least this far below it
+
+
+def signatures(it: Iteration) -> Optional[dict]:
+    """The three SPIN signatures of one iteration's metrics, each with the numbers it was judged on."""
+    rows = [r for r in it.metrics if all(_number(r.get(k)) is not None for k in ("loss", "reward_margin", "reward_rejected"))]
+    if len(rows) < 2:
+        return None
+    k = max(1, len(rows) // 10)
+
+    def mean(part, key):
+        return sum(float(r[key]) for r in part) / len(part)
+
+    head, tail = rows[:k], rows[-k:]
+    loss, margin0, margin1, rejected = mean(tail, "loss"), mean(head, "reward_margin"), mean(tail, "reward_margin"), mean(tail, "reward_rejected")
+    return {
+        "loss": (loss <= LN2 - LOSS_DROP, f"loss {loss:.3f} over the last {k} steps (ln 2 − {LOSS_DROP} = {LN2 - LOSS_DROP:.3f})"),
+        "margin": (margin1 > margin0 and margin1 > 0, f"reward margin {margin0:.3f} → {margin1:.3f}"),
+        "own_samples": (rejected < 0, f"rejected reward {rejected:.3f} (β·log-prob change of its own samples)"),
+    }
+
+
+def _signature_lines(run: RunData) -> list[str]:
+    labels = {
+        "loss": "loss falls well below ln 2",
+        "margin": "reward margin grows",
+        "own_samples": "own samples lose log-prob",
+    }
+    lines = []
+    for it in run.iterations:
+        sig = signatures(it)
+        if sig is None:
+            continue
+        cells = [f"{labels[name]}: {'held' if ok else 'did NOT hold'} ({detail})" for name, (ok, detail) in sig.items()]
+        lines.append(f"- iteration {it.t}: " + "; ".join(cells) + ".")
+    return lines
+
+
+def _comparison_lines(run: RunData) -> list[str]:
+    """Each arm's exact match ± one standard error, and the paired tests behind the verdict."""
+    from spin_mega.significance import mean_and_se
+
+    arms = [("θ0 (start)", run.baseline)]
+    arms += [(f"SPIN iteration {it.t}", it.eval) for it in run.iterations if it.finished]
+    if run.sft_control:
+        arms.append(("SFT control", run.sft_control["eval"]))
+    rows = []
+    for name, ev in arms:
+        items = _items(ev)
+        if items is not None:
+            p, se = mean_and_se(items)
+            rows.append(f"| {name} | {p:.3f} ± {se:.3f} | {len(items)} |")
+    if not rows:
+        return []
+    lines = ["| arm | exact match ± SE | items |", "|---|---|---|", *rows, ""]
+    finished = [it for it in run.iterations if it.finished]
+    if finished:
+        last = finished[-1]
+        for other, ev in (("the SFT control", run.sft_control["eval"] if run.sft_control else None), ("θ0", run.baseline)):
+            test = paired_comparison(last.eval, ev)
+            if test is not None:
+                lines.append(
+                    f"- SPIN (iteration {last.t}) {test.word} {other}: {test.a:.3f} vs {test.b:.3f}, "
+                    f"{test.a_only} items only SPIN got right, {test.b_only} only {other}; McNemar p = {test.p_value:.3g}."
+                )
+    return lines
+
+
+def _demo_lines(demo: dict) -> list[str]:
+    lines = []
+    sft = demo.get("theta0") or {}
+    if sft:
+        history = sft.get("history") or []
+        plateau = bool(history) and not history[-1].get("improved", True)
+        stop = (f"stopped after {sft.get('steps')} steps once {sft.get('patience')} measurements in a row failed to "
+                "improve it by more than two paired standard errors and 1% (each such measurement cut the learning rate 0.3×)"
+                if plateau else
+                f"reached its cap of {sft.get('steps')} steps while still improving: NOT at a plateau")
+        lines.append(
+            f"- θ0: SFT from a random init, validation loss measured every {sft.get('eval_every')} steps; {stop}; "
+            f"kept step {sft.get('kept_step')} (validation NLL/token {_fmt(sft.get('validation_nll'))}, "
+            f"training {_fmt(sft.get('train_nll'))})."
+        )
+    for arm, label in (("spin", "SPIN"), ("control", "SFT control")):
+        grid = demo.get(arm) or {}
+        if grid.get("candidates"):
+            cells = ", ".join(f"{c['lr']:g} → {c['validation_exact_match']:.3f}" for c in grid["candidates"])
+            lines.append(f"- {label} learning rate {grid['chosen_lr']:g}, chosen by validation exact match from: {cells}"
+                         + (f" ({grid['note']})" if grid.get("note") else "") + ".")
+    if demo.get("theta0_validation_exact_match") is not None:
+        lines.append(f"- θ0's validation exact match: {demo['theta0_validation_exact_match']:.3f}.")
+    if demo.get("optimizer"):
+        lines.append(f"- Both arms: {demo['optimizer']}.")
+    return lines
 
 
 def _unfinished_note(run: RunData) -> Optional[str]:
@@ -539,6 +672,14 @@ def render_markdown(run: RunData, plots: dict[str, bool]) -> str:
     for note in (_unfinished_note(run), _first_step_note(run)):
         if note:
             lines += ["", note]
+    comparison = _comparison_lines(run)
+    if comparison:
+        lines += ["", "## Paired comparison on the held-out items", "", *comparison]
+    gates = _signature_lines(run)
+    if gates:
+        lines += ["", "## SPIN signatures (see the loss and reward plots)", "", *gates]
+    if run.demo:
+        lines += ["", "## How the demo chose its models (validation split only)", "", *_demo_lines(run.demo)]
     lines += ["", "## Plots", ""]
     titles = {
         "loss": "Training loss per step",

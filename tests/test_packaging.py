@@ -53,6 +53,7 @@ def test_wheel_carries_every_package_and_asset(tmp_path):
     missing = sorted(p for p in _source_packages() if f"{p}/__init__.py" not in names)
     assert not missing, f"packages missing from the wheel (add them to pyproject's packages): {missing}"
     for asset in ("spin_mega/configs/tiny-cpu.yaml", "spin_mega/configs/zephyr-7b-spin.yaml", "spin_mega/configs/zephyr-7b-spin-paper.yaml",
-                  "spin_mega/demo/assets/train.jsonl", "spin_mega/demo/assets/heldout.jsonl"):
+                  "spin_mega/demo/assets/train.jsonl", "spin_mega/demo/assets/heldout.jsonl",
+                  "spin_mega/demo/assets/validation.jsonl"):
         assert asset in names, asset
     assert not any(n.startswith(("kernels/", "conversion/", "configs/", "tests/")) for n in names)

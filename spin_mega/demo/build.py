@@ -42,10 +42,10 @@ Rows = Union[str, Path, Sequence[dict]]
 
 
 def asset_path(split: str) -> Path:
-    """Path of a shipped demo split: "train" or "heldout"."""
+    """Path of a shipped demo split: "train", "validation" or "heldout" (the test split)."""
     path = ASSETS / f"{split}.jsonl"
     if not path.is_file():
-        raise DataError(f"demo split {split!r} not found at {path} (known: train, heldout)")
+        raise DataError(f"demo split {split!r} not found at {path} (known: train, validation, heldout)")
     return path
 
 
@@ -81,7 +81,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, texts: Optional[
     if vocab_size % 64 or not 64 <= vocab_size <= 1024:
         raise SpinMegaError(f"vocab_size must be a multiple of 64 between 64 and 1024, got {vocab_size}")
     if texts is None:
-        texts = [r[k] for split in ("train", "heldout") for r in load_demo_rows(split) for k in ("prompt", "response")]
+        texts = [r[k] for split in ("train", "validation", "heldout") for r in load_demo_rows(split) for k in ("prompt", "response")]
     specials = [PAD, BOS, EOS, *ROLE_TOKENS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -192,6 +192,39 @@ def encode_sft_example(tokenizer: Any, prompt: Any, response: str, max_length: i
     return ids, labels
 
 
+def _batch_tensors(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+    return input_ids, labels, mask
+
+
+def response_nll(model: Any, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 64) -> list[float]:
+    """Mean negative log-likelihood per response token, one value per example (forward only)."""
+    import torch
+
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            input_ids, labels, mask = _batch_tensors(examples[start : start + batch_size], pad_id)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+            target = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+            valid = (target != -100).float()
+            out.extend(((nll * valid).sum(1) / valid.sum(1).clamp(min=1)).tolist())
+    model.train(was_training)
+    return out
+
+
 def sft_warmup(
     model_dir: str | Path,
     data: Rows,
@@ -205,11 +238,27 @@ def sft_warmup(
     weight_decay: float = 0.0,
     max_length: int = 512,
     log_every: int = 0,
+    decay: str = "cosine",
+    betas: tuple[float, float] = (0.9, 0.98),
+    validation: Optional[Rows] = None,
+    eval_every: int = 0,
+    patience: int = 3,
+    plateau_factor: float = 0.3,
+    min_gain: float = 0.01,
 ) -> dict:
     """Supervised fine-tuning of an HF causal LM on (prompt, response) rows: a plain PyTorch AdamW loop,
-    cross-entropy on response tokens (and EOS) only, linear warm-up then cosine decay to zero. Writes the
-    model, tokenizer and generation config to `out_dir` and returns {"losses": [...], "seconds": ...}.
-    `data` is a JSONL path or a list of row dicts."""
+    cross-entropy on response tokens (and EOS) only, linear warm-up then `decay` ("cosine", "linear" or
+    "constant") to zero over `steps`. Writes the model, tokenizer and generation config to `out_dir` and
+    returns {"losses": [...], "seconds": ..., "validation": [...]}. `data` is a JSONL path or row dicts.
+
+    With `validation` rows and `eval_every`, the validation loss (mean response-token NLL per row) is
+    measured every `eval_every` steps and training stops at a plateau: once `patience` measurements in a
+    row failed to beat the best one by more than two standard errors of the paired per-row difference
+    (i.e. by more than noise) and by more than `min_gain` of it (a consistent but negligible gain is
+    no gain). Each such measurement also cuts the learning rate by `plateau_factor`, so
+    that a plateau of a too-large step is not mistaken for the data's: continued SFT at a smaller rate
+    gets its chance before training stops. The best measured weights are the ones written; `steps` is
+    then a cap."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -218,6 +267,8 @@ def sft_warmup(
         raise SpinMegaError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     if steps < 1:
         raise SpinMegaError(f"steps must be at least 1, got {steps}")
+    if decay not in ("cosine", "linear", "constant"):
+        raise SpinMegaError(f"decay must be cosine, linear or constant, got {decay!r}")
     rows = _rows(data)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -225,19 +276,30 @@ def sft_warmup(
     model.train()
     examples = [encode_sft_example(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    val_examples = None
+    if validation is not None and eval_every > 0:
+        val_examples = [encode_sft_example(tokenizer, r["prompt"], r["response"], max_length) for r in _rows(validation)]
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     warmup = max(1, int(warmup_ratio * steps))
+
+    scale = 1.0  # cut at each measurement that brought no gain beyond noise
 
     def lr_at(step: int) -> float:
         if step < warmup:
-            return lr * (step + 1) / warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+            return scale * lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        if decay == "cosine":
+            return scale * lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return scale * (lr * (1 - progress) if decay == "linear" else lr)
 
     order: list[int] = []
     losses: list[float] = []
+    history: list[dict] = []
+    best: Optional[tuple[list[float], dict, int]] = None  # per-row NLL, weights, step
+    stale = 0
     for step in range(steps):
         if len(order) < batch_size:
             # Epochs are reshuffled and concatenated, so every row is seen before any repeats.
@@ -246,14 +308,7 @@ def sft_warmup(
             order.extend(fresh)
         batch = [examples[i] for i in order[:batch_size]]
         del order[:batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, lab) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            mask[row, : len(ids)] = 1
+        input_ids, labels, mask = _batch_tensors(batch, pad_id)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
@@ -264,16 +319,43 @@ def sft_warmup(
         losses.append(float(loss.detach()))
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"sft step {step + 1}/{steps} loss {losses[-1]:.4f} lr {lr_at(step):.2e}", flush=True)
+        if val_examples is not None and (step + 1) % eval_every == 0:
+            per_row = response_nll(model, val_examples, pad_id)
+            mean = sum(per_row) / len(per_row)
+            improved = best is None
+            if best is not None:
+                diffs = [b - c for b, c in zip(best[0], per_row)]
+                gain = sum(diffs) / len(diffs)
+                se = (sum((d - gain) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+                improved = gain > max(2 * se, min_gain * sum(best[0]) / len(best[0]))
+            recent = losses[-eval_every:]
+            history.append({"step": step + 1, "validation_nll": mean, "train_nll": sum(recent) / len(recent),
+                            "improved": bool(improved), "lr": lr_at(step)})
+            if log_every:
+                print(f"sft step {step + 1}: validation nll {mean:.4f} (train {history[-1]['train_nll']:.4f})"
+                      f"{'' if improved else ' - no gain beyond noise'}", flush=True)
+            if improved:
+                best = (per_row, {k: v.detach().clone() for k, v in model.state_dict().items()}, step + 1)
+                stale = 0
+            else:
+                stale += 1
+                scale *= plateau_factor
+                if stale >= patience:
+                    break
+    if best is not None:
+        model.load_state_dict(best[1])
 
     model.eval()
     seconds = time.perf_counter() - start
-    info = {"kind": "sft", "base": str(model_dir), "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
-            "rows": len(rows), "final_loss": losses[-1], "seconds": round(seconds, 2)}
+    info = {"kind": "sft", "base": str(model_dir), "steps": len(losses), "lr": lr, "batch_size": batch_size, "seed": seed,
+            "rows": len(rows), "final_loss": losses[-1], "seconds": round(seconds, 2), "decay": decay,
+            "validation": history, "kept_step": best[2] if best is not None else len(losses)}
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / BUILD_INFO, info)
-    return {"losses": losses, "seconds": seconds, "out_dir": str(out_dir)}
+    return {"losses": losses, "seconds": seconds, "out_dir": str(out_dir), "validation": history,
+            "kept_step": info["kept_step"]}
 
 
 def _complete(path: Path, kind: str) -> bool:
@@ -295,9 +377,14 @@ def build_demo_start_model(
     sft_batch_size: int = 32,
     num_layers: int = 2,
     log_every: int = 0,
+    validation: Optional[Rows] = None,
+    eval_every: int = 0,
+    patience: int = 3,
 ) -> Path:
     """Tokenizer, random model and SFT warm-up under `work_dir` (tokenizer/, random/, sft/), reusing
-    whichever of them a previous call finished. Returns the SFT model directory: the demo's θ0."""
+    whichever of them a previous call finished. Returns the SFT model directory: the demo's θ0. With
+    `validation` rows and `eval_every`, the SFT runs at a constant learning rate after warm-up and stops at
+    its validation plateau (`sft_warmup`); `sft_steps` is then a cap."""
     work_dir = Path(work_dir)
     tok_dir, random_dir, sft_dir = work_dir / "tokenizer", work_dir / "random", work_dir / "sft"
     if not _complete(tok_dir, "tokenizer"):
@@ -305,7 +392,9 @@ def build_demo_start_model(
     if not _complete(random_dir, "random"):
         build_tiny_model(random_dir, tok_dir, seed=seed, num_layers=num_layers)
     if not _complete(sft_dir, "sft"):
+        plateau = validation is not None and eval_every > 0
         sft_warmup(random_dir, asset_path("train"), sft_steps, sft_lr, sft_dir,
-                   batch_size=sft_batch_size, seed=seed, log_every=log_every)
+                   batch_size=sft_batch_size, seed=seed, log_every=log_every,
+                   decay="constant" if plateau else "cosine", warmup_ratio=0.05 if plateau else 0.1,
+                   validation=validation, eval_every=eval_every, patience=patience)
     return sft_dir
-

@@ -1,13 +1,18 @@
-"""Writes the demo's SFT data: `assets/train.jsonl` and `assets/heldout.jsonl`.
+"""Writes the demo's SFT data: `assets/train.jsonl`, `assets/validation.jsonl` and `assets/heldout.jsonl`.
 
     python -m spin_mega.demo.make_data            # rewrites the shipped files (byte-identical output)
     python -m spin_mega.demo.make_data --check    # exits 1 if the shipped files differ from this script
 
 Three templated tasks with an exact answer, so a demo can score a model by exact match in seconds:
-addition of numbers up to 20 (an answer to compute), repeating a word list (copying, which a 2-layer
-model learns fast) and reversing one (harder). Every human response follows one fixed style, ending in
-the answer and a full stop; a weak model gets the style before the answers, which is the gap SPIN's
-"human versus own sample" contrast is meant to close. Held-out prompts never occur in the training split.
+two-digit addition (an answer to compute, with carries), repeating a word list (copying) and reversing
+one (harder). Every human response follows one fixed style, ending in the answer and a full stop.
+
+The sizes are chosen for a fair test of SPIN (DESIGN.md): the training split (8,100 rows) is too large for
+the tiny model to memorise before its validation loss stops improving, so theta_0's own samples differ
+from the human responses on thousands of prompts rather than on a few memorisation slips; the test split
+(`heldout`, 600 prompts) makes one standard error of exact match at most 2.1 points; `validation` (300
+prompts) is the only split the demo uses to choose anything (when theta_0 stops, the learning rates).
+No prompt occurs in two splits.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from spin_mega.evaluation import extract_answer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SEED = 20240102
-TRAIN_PER_TASK = 240
-HELDOUT_PER_TASK = 32
+TRAIN_PER_TASK = 2700
+VALIDATION_PER_TASK = 100
+HELDOUT_PER_TASK = 200
 
 WORDS = (
     "red blue green cat dog sun moon tree fish bird star rain snow milk cake road ship lamp book door "
@@ -36,18 +42,18 @@ REVERSE_PROMPTS = ("Reverse these words: {words}", "Say these words backwards: {
 
 
 def _add(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(0, 12), rng.randint(0, 12)
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
     answer = str(a + b)
     return rng.choice(ADD_PROMPTS).format(a=a, b=b), f"{a} plus {b} is {answer}.", answer
 
 
 def _copy(rng: random.Random) -> tuple[str, str, str]:
-    words = " ".join(rng.sample(WORDS, rng.randint(1, 4)))
+    words = " ".join(rng.sample(WORDS, rng.randint(1, 5)))
     return rng.choice(COPY_PROMPTS).format(words=words), f"You said: {words}.", words
 
 
 def _reverse(rng: random.Random) -> tuple[str, str, str]:
-    words = rng.sample(WORDS, rng.randint(2, 3))
+    words = rng.sample(WORDS, rng.randint(2, 4))
     answer = " ".join(reversed(words))
     return rng.choice(REVERSE_PROMPTS).format(words=" ".join(words)), f"Backwards: {answer}.", answer
 
@@ -57,10 +63,10 @@ TASKS = {"add": _add, "copy": _copy, "reverse": _reverse}
 
 def build_rows() -> dict[str, list[dict]]:
     rng = random.Random(SEED)
-    splits: dict[str, list[dict]] = {"heldout": [], "train": []}
-    # Held-out rows are drawn first and then excluded from training, so no held-out prompt is seen.
+    splits: dict[str, list[dict]] = {"heldout": [], "validation": [], "train": []}
+    # Evaluation rows are drawn first and then excluded from later splits, so no evaluated prompt is trained on.
     seen: set[str] = set()
-    for split, per_task in (("heldout", HELDOUT_PER_TASK), ("train", TRAIN_PER_TASK)):
+    for split, per_task in (("heldout", HELDOUT_PER_TASK), ("validation", VALIDATION_PER_TASK), ("train", TRAIN_PER_TASK)):
         for task, make in TASKS.items():
             count = 0
             while count < per_task:

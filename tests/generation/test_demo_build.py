@@ -20,24 +20,26 @@ def test_shipped_data_is_the_scripts_output():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_shipped_data_is_small_and_well_formed():
-    assert sum(p.stat().st_size for p in ASSETS.glob("*.jsonl")) < 200_000
-    train, heldout = load_demo_rows("train"), load_demo_rows("heldout")
-    assert 300 <= len(train) <= 1000 and len(heldout) >= 64
-    for row in train + heldout:
+def test_shipped_data_is_sized_for_a_fair_comparison_and_well_formed():
+    assert sum(p.stat().st_size for p in ASSETS.glob("*.jsonl")) < 1_500_000
+    train, validation, heldout = load_demo_rows("train"), load_demo_rows("validation"), load_demo_rows("heldout")
+    # Thousands of training rows (too many to memorise), >= 500 test items (one SE <= 2.5 points).
+    assert len(train) >= 5000 and len(heldout) >= 500 and len(validation) >= 200
+    for row in train + validation + heldout:
         assert list(row) == ["prompt_id", "prompt", "response", "answer"]
         assert extract_answer(row["response"]) == row["answer"]
-    ids = [r["prompt_id"] for r in train + heldout]
+    ids = [r["prompt_id"] for r in train + validation + heldout]
     assert len(set(ids)) == len(ids)
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
-    for split in (train, heldout):
+    prompts = [{r["prompt"] for r in split} for split in (train, validation, heldout)]
+    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
+    for split in (train, validation, heldout):
         assert {r["prompt_id"].split("-")[1] for r in split[:12]} == {"add", "copy", "reverse"}
 
 
 def test_the_evaluators_answer_extraction_agrees_with_the_data():
     from spin_mega.evaluation import extract_answer
 
-    for row in load_demo_rows("train") + load_demo_rows("heldout"):
+    for row in load_demo_rows("train") + load_demo_rows("validation") + load_demo_rows("heldout"):
         assert extract_answer(row["response"]) == row["answer"]
 
 
@@ -81,3 +83,33 @@ def test_sft_warmup_lowers_the_response_loss(tiny_model, tmp_path):
         loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
     assert float(loss) < losses[0]
     assert json.loads((tmp_path / "sft" / "spin_mega_build.json").read_text())["steps"] == 30
+
+
+def test_sft_stops_at_the_validation_plateau_and_keeps_the_best_weights(tiny_model, tmp_path):
+    # lr 1e-9 moves the validation loss consistently but negligibly: the first measurement is the best; each later
+    # one cuts the rate 0.3x, and after `patience` of them training stops, long before the step cap.
+    rows = load_demo_rows("train")[:64]
+    validation = load_demo_rows("validation")[:32]
+    result = sft_warmup(tiny_model, rows, steps=200, lr=1e-9, out_dir=tmp_path / "flat", batch_size=8, warmup_ratio=0.0,
+                        decay="constant", validation=validation, eval_every=4, patience=2)
+    assert [h["step"] for h in result["validation"]] == [4, 8, 12]
+    assert [h["improved"] for h in result["validation"]] == [True, False, False]
+    assert [h["lr"] for h in result["validation"]] == pytest.approx([1e-9, 1e-9, 3e-10])
+    assert len(result["losses"]) == 12 and result["kept_step"] == 4
+
+
+def test_sft_plateau_run_writes_the_best_measured_weights(tiny_model, tmp_path):
+    from spin_mega.demo.build import response_nll
+
+    rows = load_demo_rows("train")[:64]
+    validation = load_demo_rows("validation")[:32]
+    result = sft_warmup(tiny_model, rows, steps=24, lr=3e-3, out_dir=tmp_path / "sft", batch_size=16,
+                        decay="constant", validation=validation, eval_every=8, patience=5)
+    history = result["validation"]
+    assert history[0]["validation_nll"] > history[-1]["validation_nll"]  # it learned
+    kept = next(h for h in history if h["step"] == result["kept_step"])
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sft"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "sft"))
+    examples = [encode_sft_example(tokenizer, r["prompt"], r["response"]) for r in validation]
+    per_row = response_nll(model, examples, tokenizer.pad_token_id)
+    assert abs(sum(per_row) / len(per_row) - kept["validation_nll"]) < 1e-4

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from spin_mega.errors import SpinMegaError
-from spin_mega.report import PLOTS, write_report
+from spin_mega.report import LN2, PLOTS, write_report
 from tests.support import REPO
 
 BASELINE = {"heldout_logp_per_token": -1.9, "heldout_reward_accuracy": None, "exact_match": 0.30, "num_samples": 50}
@@ -151,23 +151,81 @@ def test_full_run_report(tmp_path):
     assert _row(report, "θ0 (start)")[5:8] == ["0.3000", "-1.9000", "–"]
     assert _row(report, "SFT control")[2] == "24"
     assert _row(report, "SFT control")[5] == "0.4000"
+    # No per-item results in this run: the numbers are reported, but no verdict word is claimed.
     assert (
-        "SPIN beat the SFT control on the held-out task metric in this run: held-out exact match 0.4200 after "
-        "iteration 1 versus 0.4000 for the SFT control." in report
+        "SPIN scored higher than the SFT control: held-out exact match 0.4200 after iteration 1 versus 0.4000 for "
+        "the SFT control. Per-item results are missing, so no paired test was possible" in report
     )
+    assert "SPIN beat the" not in report and "tied with the" not in report
     assert "Unfinished" not in report
     assert "iteration 0: 0.693147" in report
 
 
-def test_spin_did_not_beat_control(tmp_path):
+def test_spin_scored_lower_without_items_claims_no_verdict(tmp_path):
     report = write_report(make_workdir(tmp_path, control_em=0.50)).read_text()
-    assert "SPIN did not beat the SFT control" in report
+    assert "SPIN scored lower than the SFT control" in report
     assert "held-out exact match 0.4200 after iteration 1 versus 0.5000 for the SFT control." in report
+
+
+def _with_items(workdir: Path, spin: list[int], control: list[int], baseline: list[int]) -> Path:
+    summary = json.loads((workdir / "summary.json").read_text())
+    summary["iterations"][-1]["eval"] = dict(summary["iterations"][-1]["eval"], exact_match_items=spin, exact_match=sum(spin) / len(spin))
+    summary["sft_control"]["eval"] = dict(summary["sft_control"]["eval"], exact_match_items=control)
+    summary["baseline"]["eval"] = dict(summary["baseline"]["eval"], exact_match_items=baseline)
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "spin_only, control_only, word, p_value",
+    [
+        # 20 discordant items split 15/5: two-sided exact binomial p = 2 * P(X <= 5 | n=20, 1/2) = 0.041389.
+        (15, 5, "beat", 0.0413895),
+        (5, 15, "lost to", 0.0413895),
+        # 14/6: p = 2 * P(X <= 6 | 20) = 0.115318, not significant, so a 4-point lead is still a tie.
+        (14, 6, "tied with", 0.115318),
+    ],
+)
+def test_verdict_follows_mcnemars_test(tmp_path, spin_only, control_only, word, p_value):
+    both = [1] * 300
+    neither = [0] * 180
+    spin = both + [1] * spin_only + [0] * control_only + neither
+    control = both + [0] * spin_only + [1] * control_only + neither
+    workdir = _with_items(make_workdir(tmp_path), spin, control, baseline=[0] * len(spin))
+    report = write_report(workdir).read_text()
+    n = len(spin)
+    a, b = sum(spin) / n, sum(control) / n
+    se = lambda p: math.sqrt(p * (1 - p) / n)
+    assert (
+        f"SPIN {word} the SFT control on held-out exact match: {a:.3f} ± {se(a):.3f} after iteration 1 versus "
+        f"{b:.3f} ± {se(b):.3f} for the SFT control (± one standard error, n = {n}; McNemar's exact test on the "
+        f"{spin_only + control_only} items where they differ, SPIN right on {spin_only} and the control on "
+        f"{control_only}: p = {p_value:.3g}" in report
+    ), report[:1500]
+    # The comparison section lists every arm with its SE, and SPIN against theta_0 too.
+    assert f"| SFT control | {b:.3f} ± {se(b):.3f} | {n} |" in report
+    assert f"| θ0 (start) | 0.000 ± 0.000 | {n} |" in report
+    assert "SPIN (iteration 1) beat θ0" in report
+
+
+def test_signature_gates(tmp_path):
+    workdir = make_workdir(tmp_path)
+    report = write_report(workdir).read_text()
+    # The synthetic metrics' margin grows to 0.15 * 11 / (t + 1): the loss ends at log(1 + e^-1.65) = 0.175
+    # (iteration 0) and 0.366 (iteration 1), both well below ln 2, and the rejected reward is negative.
+    assert "- iteration 0: loss falls well below ln 2: held" in report
+    assert "reward margin grows: held" in report and "own samples lose log-prob: held" in report
+    # A flat run (loss at ln 2, no margin, own samples unchanged) fails all three.
+    flat = [dict(r, loss=LN2, reward_margin=0.0, reward_chosen=0.0, reward_rejected=0.0) for r in _metrics(0, STEPS)]
+    (workdir / "iter_0" / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
+    report = write_report(workdir).read_text()
+    line = next(l for l in report.splitlines() if l.startswith("- iteration 0:"))
+    assert line.count("did NOT hold") == 3, line
 
 
 def test_verdict_falls_back_to_logp_without_exact_match(tmp_path):
     report = write_report(make_workdir(tmp_path, control_em=None, control_logp=-1.5)).read_text()
-    assert "SPIN did not beat the SFT control" in report
+    assert "SPIN scored lower than the SFT control" in report
     assert "held-out log-likelihood per token -1.6000 after iteration 1 versus -1.5000" in report
     assert "log-likelihood is used" in report
 
@@ -189,7 +247,7 @@ def test_unfinished_run_still_reports(tmp_path):
     assert second[5:8] == ["–", "–", "–"]
     assert "iteration 1 (20 generations, training metrics up to step 5, no evaluation yet)" in report
     # The verdict uses the last finished iteration (0: 0.36 < 0.40).
-    assert "SPIN did not beat the SFT control" in report
+    assert "SPIN scored lower than the SFT control" in report
     assert "0.3600 after iteration 0 versus 0.4000" in report
 
 
@@ -289,3 +347,21 @@ def test_collapse_and_unhealthy_stop_are_shown_in_verdict_table_and_plot(tmp_pat
 def test_healthy_run_says_so(tmp_path):
     report = write_report(make_workdir(tmp_path)).read_text()
     assert "Training health: no non-finite value and no collapse in any iteration." in report.split("## Summary")[0]
+
+
+@pytest.mark.parametrize("last_improved, phrase", [(False, "stopped after 300 steps once 2 measurements"), (True, "NOT at a plateau")])
+def test_demo_selection_section(tmp_path, last_improved, phrase):
+    workdir = make_workdir(tmp_path)
+    summary = json.loads((workdir / "summary.json").read_text())
+    summary["demo"] = {
+        "theta0": {"steps": 300, "kept_step": 100, "eval_every": 100, "patience": 2, "validation_nll": 0.5, "train_nll": 0.6,
+                   "history": [{"step": 100, "improved": True}, {"step": 200, "improved": False}, {"step": 300, "improved": last_improved}]},
+        "spin": {"candidates": [{"lr": 3e-5, "validation_exact_match": 0.5}, {"lr": 1e-4, "validation_exact_match": 0.6}], "chosen_lr": 1e-4},
+        "control": {"candidates": [{"lr": 3e-5, "validation_exact_match": 0.55}], "chosen_lr": 3e-5},
+        "theta0_validation_exact_match": 0.52,
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    report = write_report(workdir).read_text()
+    assert phrase in report
+    assert "- SPIN learning rate 0.0001, chosen by validation exact match from: 3e-05 → 0.500, 0.0001 → 0.600." in report
+    assert "- SFT control learning rate 3e-05, chosen by validation exact match from: 3e-05 → 0.550." in report
