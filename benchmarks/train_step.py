@@ -134,7 +134,7 @@ def main() -> None:
         args.prompt_words, args.response_words = args.seq_len, args.seq_len
 
     from spin_mega.demo.build import build_tokenizer
-    from spin_mega.training.telemetry import peak_flops_per_gpu
+    from spin_mega.training.telemetry import peak_flops
 
     gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {psutil.cpu_count()} cores)"
@@ -167,7 +167,9 @@ def main() -> None:
         "global_batch_pairs": args.global_batch,
         "sequence_words": {"prompt": args.prompt_words, "response": args.response_words},
         "seq_len": args.seq_len,
-        "peak_bf16_flops": peak_flops_per_gpu(),
+        # The peak MFU is quoted against, and the GPU it was matched to (None without a known GPU).
+        "peak_bf16_flops": peak.flops if (peak := peak_flops()) else None,
+        "peak_name": peak.label if peak else None,
         "nproc": args.nproc,
         "results": results,
         "fused_over_precompute_step_time": (

@@ -11,7 +11,7 @@ and with the tokenizer's BOS in front of a template that does not write one itse
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 from spin_mega.errors import DataError
 

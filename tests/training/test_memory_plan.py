@@ -205,7 +205,7 @@ def test_plan_command_prints_layouts_and_the_sbatch_line(llama70b_dir):
     out = result.stdout
     assert "70.55 B parameters" in out
     assert "chosen: TP 8 x PP 4 x DP 1" in out
-    assert f"launch/train.sbatch CONFIG.yaml --workdir W --nodes 4 --gpus-per-node 8" in out
+    assert "launch/train.sbatch CONFIG.yaml --workdir W --nodes 4 --gpus-per-node 8" in out
     assert f"--tp 8 --pp 4 --set start_model={llama70b_dir}" in out
     assert "<- chosen" in out
 

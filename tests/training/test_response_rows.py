@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from spin_mega.parallel.distributed import free_port
 from spin_mega.training.logprobs import check_label_range, response_rows
-from tests.training.response_rows_worker import IMPLS, run_case
+from tests.training.response_rows_worker import run_case
 
 
 def test_response_rows_are_the_labelled_positions_in_sequence_major_order() -> None:
