@@ -14,7 +14,8 @@ from spin_mega.conversion.safetensors_io import SafetensorsReader
 def test_written_chunks_are_freed_before_the_next_is_produced(tmp_path):
     generator = torch.Generator().manual_seed(0)
     source = {f"w{i}": torch.randn(2, 8, 16, generator=generator) for i in range(4)}
-    save_file({f"{name}.{layer}": t[layer] for name, t in source.items() for layer in range(2)}, str(tmp_path / "model.safetensors"))
+    per_layer = {f"{name}.{layer}": t[layer] for name, t in source.items() for layer in range(2)}
+    save_file(per_layer, str(tmp_path / "model.safetensors"))
     reader = SafetensorsReader(tmp_path)
     produced: list[torch.Tensor] = []
     live_bytes_at_produce: list[int] = []
