@@ -23,6 +23,7 @@ import torch
 
 from spin_mega.config import ModelConfig
 from spin_mega.conversion import dist_ckpt
+from spin_mega.conversion.heap import trim_heap
 from spin_mega.conversion.mappings import Architecture, Dims, Rule, architecture, sharded_object_key
 from spin_mega.conversion.safetensors_io import (
     CODE_DTYPES,
@@ -377,6 +378,9 @@ def mcore_to_hf(
                     for name, tensor in zip(rule.hf_names(layer), tensors, strict=True):
                         writer.write(name, tensor)
                         weight_map[name] = file
+                    # Freed before the next unit is read, not as its tensors replace these.
+                    del tensors, tensor
+                    trim_heap()
             except BaseException:
                 writer.abort()
                 raise

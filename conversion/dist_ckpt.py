@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from spin_mega.conversion.heap import trim_heap
 from spin_mega.errors import SpinMegaError
 
 # What megatron.core.dist_checkpointing writes beside the DCP files (and checks on load).
@@ -83,6 +84,7 @@ class _LazySavePlanner(DefaultSavePlanner):
         self._entries = entries
         self._chunks = {(e.key, e.offsets): e for e in entries if isinstance(e, TensorChunk)}
         self._objects = {e.key: e for e in entries if isinstance(e, ObjectEntry)}
+        self._last_written: torch.Tensor | None = None
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
         self.state_dict = {}
@@ -114,10 +116,31 @@ class _LazySavePlanner(DefaultSavePlanner):
             torch.save([self._objects[write_item.index.fqn].data], buffer)
             return buffer
         entry = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        self.release_last_chunk()
         tensor = entry.produce()
         if tuple(tensor.shape) != entry.sizes or tensor.dtype != entry.dtype:
             raise AssertionError(f"{entry.key} chunk at {entry.offsets}: got {tuple(tensor.shape)} {tensor.dtype}")
+        storage = tensor.untyped_storage()
+        if storage.nbytes() != tensor.nbytes or not storage.resizable():
+            # The writer would copy a view of a larger buffer itself, out of release_last_chunk's reach, and
+            # memory shared with numpy cannot be freed through the tensor.
+            tensor = tensor.clone()
+        self._last_written = tensor
         return tensor
+
+    def release_last_chunk(self) -> None:
+        """Frees the data of the chunk handed out last, which the file writer has written by now.
+
+        DCP's file writer keeps the last chunk of every key referenced until the file is closed (a dict it
+        only needs for its safetensors format), and still holds the previous chunk while it asks for the
+        next: left alone, one layer's tensors plus the embedding stay resident on top of the chunk being
+        produced. Emptying the storage makes those references hold nothing. Safe only because the writer
+        is serial (one thread, no copy-ahead: see write_checkpoint), so a chunk is written before the next
+        is requested."""
+        if self._last_written is not None:
+            self._last_written.untyped_storage().resize_(0)
+            self._last_written = None
+            trim_heap()
 
 
 def write_checkpoint(path: Path, entries: list[Entry]) -> None:
@@ -130,7 +153,9 @@ def write_checkpoint(path: Path, entries: list[Entry]) -> None:
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(entries), no_dist=True)
+        planner = _LazySavePlanner(entries)
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+        planner.release_last_chunk()
     torch.save({}, path / COMMON_FILE)
     (path / METADATA_FILE).write_text(json.dumps(MCORE_METADATA))
 

@@ -8,6 +8,7 @@ memory, so the shard size is free to follow the usual Hugging Face convention.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -90,10 +91,13 @@ class SafetensorsReader:
         entry = header[name]
         start, end = entry["data_offsets"]
         buffer = torch.empty(end - start, dtype=torch.uint8)
+        # A view of the buffer's memory that leaves its storage resizable (`.numpy()` would pin it), so the
+        # Megatron writer can free a chunk that is still referenced once it is written.
+        view = memoryview((ctypes.c_ubyte * (end - start)).from_address(buffer.data_ptr())) if end > start else b""
         try:
             with open(self.dir / file, "rb") as handle:
                 handle.seek(data_start + start)
-                read = handle.readinto(memoryview(buffer.numpy()))
+                read = handle.readinto(view) if end > start else 0
         except OSError as exc:
             raise SpinMegaError(f"cannot read {name} from {self.dir / file} ({exc})") from None
         if read != end - start:
