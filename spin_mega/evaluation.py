@@ -172,10 +172,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m spin_mega.evaluation`: one evaluation in a process of its own (the loop's evaluation
     stage), so that the model's memory, on a GPU the CUDA context and cached blocks, goes when it exits."""
     import argparse
-    import json
 
     from spin_mega.config import load_config
-    from spin_mega.io import atomic_write_json
+    from spin_mega.io import atomic_write_json, read_jsonl
 
     parser = argparse.ArgumentParser(prog="python -m spin_mega.evaluation")
     parser.add_argument("--config", required=True, help="the run's config (its eval section is used)")
@@ -187,13 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, [])
-
-        def rows(path: str) -> list[dict]:
-            return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-        pairs = rows(args.pairs) if args.pairs and Path(args.pairs).is_file() else None
+        pairs = read_jsonl(args.pairs) if args.pairs and Path(args.pairs).is_file() else None
         result = evaluate(
-            args.model, rows(args.heldout), cfg.eval, opponent_dir=args.opponent, heldout_pairs=pairs, chat=cfg.data
+            args.model, read_jsonl(args.heldout), cfg.eval, opponent_dir=args.opponent, heldout_pairs=pairs, chat=cfg.data
         )
     except SpinMegaError as exc:
         print(f"spin-mega evaluate: error: {exc}", file=sys.stderr)
