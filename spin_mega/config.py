@@ -151,6 +151,14 @@ class GenerationConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    # vLLM's KV cache per engine in GiB, in place of the gpu_memory_utilization share. On CPU that share is
+    # of host memory (0.3 takes 7 GB of a 23 GB machine, sized by a warm-up pass), far more than a small
+    # model's few thousand sequences need; an explicit size also lets vLLM skip that warm-up. null: the share.
+    kv_cache_gb: Optional[float] = None
+    # true: vLLM's engine core runs inside the generating process instead of a process of its own (and, on
+    # CPU, a third one for its worker). Same samples; on CPU it saves starting Python, torch and vLLM twice
+    # per generation stage. On GPUs leave it false: the separate engine overlaps scheduling with the model.
+    engine_in_process: bool = False
     enforce_eager: bool = False
     batch_size: int = 64  # prompts per hf-backend batch and per flush of results to disk
     dtype: str = "auto"
@@ -374,6 +382,8 @@ def validate(cfg: SpinConfig) -> None:
         raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
+    if cfg.generation.kv_cache_gb is not None and not cfg.generation.kv_cache_gb > 0:
+        raise ConfigError("generation.kv_cache_gb must be positive (GiB), or null to use gpu_memory_utilization")
     if cfg.iterations.num_iterations < 1:
         raise ConfigError("iterations.num_iterations must be at least 1")
     if not cfg.iterations.lr or not cfg.iterations.beta:

@@ -62,9 +62,12 @@ ARM_OPTIM = {"optimizer": "adamw", "adam_beta1": 0.9, "adam_beta2": 0.999, "weig
 OPTIM_NOTE = "AdamW (β 0.9/0.999, no weight decay), 10% linear warm-up then linear decay to 0, gradient clipping 1.0"
 
 # Stage outputs of a SPIN run that do not depend on its learning rate: shared by every grid candidate.
-SHARED_STAGES = ("start_mcore", ".done.import_start", "baseline_eval.json", ".done.baseline_eval")
+SHARED_STAGES = ("start_mcore", ".done.import_start")
 SHARED_ITER0 = ("prompts.jsonl", "all_generations.jsonl", "generations.jsonl", "heldout_generations.jsonl",
                 "pairs.jsonl", ".done.prompts", ".done.generate", ".done.pairs")
+# theta_0's log-probs of the shared pairs, which the trainer precomputes into its work directory and reuses
+# when present (spin_mega.training.trainer.OPPONENT_FILE; not imported: that module loads megatron).
+SHARED_TRAIN = ("opponent_logps.json",)
 
 
 def demo_config(start_model: Path, iterations: int, backend: Optional[str], lr: float, size: DemoSize, seed: int) -> dict:
@@ -92,8 +95,8 @@ def validation_exact_match(model_dir: Path, rows: list[dict], max_new_tokens: in
 
 
 def _best(candidates: list[dict]) -> dict:
-    # Ties go to the smaller learning rate (the grid is ascending, and max keeps the first of equals).
-    return max(candidates, key=lambda c: c["validation_exact_match"])
+    """The candidate with the best validation exact match; a tie goes to the smaller learning rate."""
+    return max(candidates, key=lambda c: (c["validation_exact_match"], -c["lr"]))
 
 
 def _copy_into(src: Path, dest: Path, names: tuple[str, ...]) -> None:
@@ -118,9 +121,12 @@ def _spin_grid(workdir: Path, start: Path, backend, overrides, size: DemoSize, s
             if first is not None:
                 _copy_into(first, cand_dir, SHARED_STAGES)
                 _copy_into(first / "iter_0", cand_dir / "iter_0", SHARED_ITER0)
+                _copy_into(first / "iter_0" / "train", cand_dir / "iter_0" / "train", SHARED_TRAIN)
             log(f"SPIN learning-rate grid: one iteration at lr {lr:g}")
             cfg = config_from_dict(demo_config(start, 1, backend, lr, size, seed), overrides)
-            code = SpinLoop(cfg, cand_dir).run()
+            # Candidates are compared on validation only: their test-split evaluation and report would be
+            # read by nobody (the chosen one is evaluated by the demo's own run below).
+            code = SpinLoop(cfg, cand_dir).run(evaluate=False)
             if code != 0:
                 raise SpinMegaError(f"the SPIN grid run at lr {lr:g} stopped with exit status {code}; re-run to resume")
             em = validation_exact_match(cand_dir / "iter_0" / "hf", validation, cfg.eval.max_new_tokens)

@@ -47,6 +47,10 @@ def test_inconsistent_values_are_rejected(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    for size in ("0", "-1"):
+        with pytest.raises(ConfigError, match=r"generation\.kv_cache_gb must be positive"):
+            load_config(None, [f"generation.kv_cache_gb={size}"])
+    assert load_config(None, ["generation.kv_cache_gb=0.25"]).generation.kv_cache_gb == 0.25
 
 
 def test_paper_preset_is_the_authors_setting():
