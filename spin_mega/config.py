@@ -24,7 +24,7 @@ class ModelConfig:
     directory holding it) and the fields below are ignored."""
 
     hf_config: Optional[str] = None
-    architecture: Literal["llama", "mistral", "qwen2"] = "llama"
+    architecture: Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"] = "llama"
     vocab_size: int = 512
     hidden_size: int = 256
     ffn_hidden_size: int = 688
@@ -44,6 +44,29 @@ class ModelConfig:
     # thing only while sequences fit the window: data.max_length must not exceed it.
     sliding_window: Optional[int] = None
     init_std: float = 0.02
+    # Mixture of experts (Qwen3-MoE, Mixtral; spin_mega/models/moe.py): every layer's MLP is `num_experts`
+    # SwiGLU experts of width `moe_ffn_hidden_size`, each token routed to `moe_router_topk` of them. null: dense.
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: int = 2
+    # The top-k routing weights renormalised to sum to 1 (Mixtral always; Qwen3-MoE's `norm_topk_prob`), or
+    # the full softmax's probabilities of the chosen experts as they are.
+    moe_norm_topk_prob: bool = True
+    # Coefficient of the load-balancing loss added per MoE layer to the policy's loss (HF `router_aux_loss_coef`).
+    moe_aux_loss_coeff: float = 0.0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def qk_layernorm(self) -> bool:
+        """Qwen3 normalises each query and key head (RMSNorm over head_dim) before RoPE: megatron-core's
+        qk_layernorm. The architecture decides it; it is not a separate key."""
+        return self.architecture in QK_NORM_ARCHITECTURES
+
+
+QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe")
 
 
 @dataclass
@@ -67,6 +90,11 @@ class ParallelConfig:
     # between share the rest equally. Unset: even when the layers divide, else parallel/layout.py's default.
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
+    # Expert parallelism (mixture-of-experts models): each of `expert_parallel` ranks holds 1/EP of every MoE
+    # layer's experts; the EP ranks are carved out of the data-parallel ones. `expert_tensor_parallel` splits
+    # each expert's weights over that many ranks (1: whole experts, the usual choice for many small experts).
+    expert_parallel: int = 1
+    expert_tensor_parallel: int = 1
 
 
 @dataclass
@@ -363,6 +391,8 @@ def validate(cfg: SpinConfig) -> None:
         raise ConfigError("train.global_batch_size must be at least train.micro_batch_size")
     if p.tensor_parallel < 1 or p.pipeline_parallel < 1:
         raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be at least 1")
+    if p.expert_parallel < 1 or p.expert_tensor_parallel < 1:
+        raise ConfigError("parallel.expert_parallel and parallel.expert_tensor_parallel must be at least 1")
     from spin_mega.parallel.layout import check_virtual_pipeline
 
     check_virtual_pipeline(p.pipeline_parallel, p.virtual_pipeline_parallel)

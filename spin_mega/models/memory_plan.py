@@ -147,7 +147,10 @@ def layer_params(m: ModelConfig, tp: int) -> int:
     sharded += m.hidden_size * 2 * m.ffn_hidden_size + m.ffn_hidden_size * m.hidden_size
     if m.qkv_bias:
         sharded += qkv_out
-    return sharded // tp + 2 * m.hidden_size  # two RMSNorm weights, replicated over TP
+    replicated = 2 * m.hidden_size  # two RMSNorm weights, replicated over TP
+    if m.qk_layernorm:
+        replicated += 2 * m.head_dim  # Qwen3's query and key norms, one head_dim-sized weight each
+    return sharded // tp + replicated
 
 
 def total_params(m: ModelConfig) -> int:
@@ -182,6 +185,9 @@ def layer_activation_bytes(
     hidden_bytes = (4 * NORM_ACTIVATION_BYTES + 2 * dtype_bytes) * m.hidden_size / h_split
     attention = (3 * m.num_attention_heads + 3 * m.num_query_groups) * m.head_dim
     inner = (attention + 5 * m.ffn_hidden_size) / tp
+    if m.qk_layernorm:
+        # The query and key norms save their input and output in fp32, as the hidden-size norms do.
+        inner += 2 * NORM_ACTIVATION_BYTES / dtype_bytes * (m.num_attention_heads + m.num_query_groups) * m.head_dim / tp
     rope = 4 * m.head_dim * seq_len  # per position, shared by the micro-batch's sequences
     return (hidden_bytes + dtype_bytes * inner) * tokens + dtype_bytes * rope
 

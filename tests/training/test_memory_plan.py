@@ -32,6 +32,11 @@ LAYOUTS = {
     "pp2_bf16_rmsprop_tied": (2, ["parallel.pipeline_parallel=2", "train.precision=bf16", "optim.optimizer=rmsprop",
                                   "model.tie_word_embeddings=true"],
                               dict(dtype="bf16", optimizer="rmsprop", pipeline_parallel=2, tied=True)),
+    # Qwen3: per-head query/key norms (replicated over TP, their gradients summed over it) and head_dim decoupled
+    # from the hidden size (4 x 64 on 128).
+    "qwen3_tp2_bf16_adamw": (2, ["model.architecture=qwen3", "parallel.tensor_parallel=2", "train.precision=bf16",
+                                 "optim.optimizer=adamw"],
+                             dict(dtype="bf16", optimizer="adamw", tensor_parallel=2, architecture="qwen3")),
 }
 
 
@@ -66,7 +71,8 @@ def measured(tmp_path_factory):
 
 def _request(fields: dict) -> mp.PlanRequest:
     fields = dict(fields)
-    model = ModelConfig(**TINY_MODEL, tie_word_embeddings=fields.pop("tied", False))
+    model = ModelConfig(**TINY_MODEL, tie_word_embeddings=fields.pop("tied", False),
+                        architecture=fields.pop("architecture", "llama"))
     # The config's default, parallel.distributed_optimizer: true, shards main weights and state over DP (gloo too).
     return mp.PlanRequest(model=model, nodes=1, gpus_per_node=2, micro_batch=1, global_batch=4, seq_len=128,
                           distributed_optimizer=True, **fields)
@@ -91,14 +97,16 @@ def test_planner_matches_live_allocations(measured, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, tp, dtype_bytes", [("tp1_dp2_fp32_rmsprop", 1, 4), ("tp2_bf16_adamw", 2, 2)])
-def test_activation_model_matches_the_tensors_a_layer_saves(measured, name, tp, dtype_bytes):
+@pytest.mark.parametrize("name, tp, dtype_bytes, architecture", [
+    ("tp1_dp2_fp32_rmsprop", 1, 4, "llama"), ("tp2_bf16_adamw", 2, 2, "llama"), ("qwen3_tp2_bf16_adamw", 2, 2, "qwen3"),
+])
+def test_activation_model_matches_the_tensors_a_layer_saves(measured, name, tp, dtype_bytes, architecture):
     """The activation bytes the planner assumes for one layer, against the storages the real Megatron
     layer saves for backward on CPU (SDPA attention; models/norm.py's RMSNorm, which upcasts bf16 input
     and saves fp32; at TP 2 sequence parallelism is on, the config's default, so the hidden-sized
     tensors are split over the TP ranks)."""
     batch, seq_len = ACTIVATION_SHAPE
-    model = ModelConfig(**TINY_MODEL)
+    model = ModelConfig(**TINY_MODEL, architecture=architecture)
     planned = mp.layer_activation_bytes(model, tp, True, dtype_bytes, batch * seq_len, seq_len)
     for rank in measured[name]:
         live = rank["layer_activation_bytes"]
