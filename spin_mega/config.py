@@ -350,7 +350,13 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> SpinCo
 
 
 # Shipped configurations reachable by a short name in place of a file (spin-mega run paper ...).
-PRESETS = {"paper": "zephyr-7b-spin-paper.yaml", "tiny-cpu": "tiny-cpu.yaml", "zephyr-7b-spin": "zephyr-7b-spin.yaml"}
+PRESETS = {
+    "paper": "zephyr-7b-spin-paper.yaml",
+    "tiny-cpu": "tiny-cpu.yaml",
+    "zephyr-7b-spin": "zephyr-7b-spin.yaml",
+    "qwen3-8b-spin": "qwen3-8b-spin.yaml",
+    "qwen3-30b-a3b-spin": "qwen3-30b-a3b-spin.yaml",
+}
 
 
 def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> SpinConfig:

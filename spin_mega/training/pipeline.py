@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from spin_mega.config import ModelConfig, SpinConfig
-from spin_mega.errors import SpinMegaError
+from spin_mega.errors import ConfigError, SpinMegaError
 from spin_mega.parallel.layout import PipelineLayout, check_expert_parallel, check_tensor_parallel, resolve_layout
 
 
@@ -29,6 +29,11 @@ def check_layout(cfg: SpinConfig) -> PipelineLayout:
     check_expert_parallel(
         model.num_experts, model.moe_router_topk, p.expert_parallel, p.expert_tensor_parallel, model.moe_ffn_hidden_size
     )
+    if model.is_moe and p.tensor_parallel > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            f"a mixture-of-experts model at tensor parallel {p.tensor_parallel} needs parallel.sequence_parallel: "
+            "true (megatron-core does not train its MoE layers under TP without it)"
+        )
     return resolve_layout(
         model.num_layers, p.pipeline_parallel, p.virtual_pipeline_parallel, p.first_stage_layers, p.last_stage_layers
     )
