@@ -135,6 +135,49 @@ def test_experts_are_stored_one_chunk_per_expert(sources, arch):
     assert torch.equal(expert[48:], hf[f"model.layers.1.{block}.experts.2.{up}.weight"])
 
 
+def test_hf_to_mcore_streams_expert_by_expert(sources, tmp_path, monkeypatch):
+    """Each Megatron chunk is made from one expert's HF tensors (gate and up, or down), and every chunk written
+    before it has been freed by then (tests/conversion/test_conversion_memory.py's check, here through the
+    real converter): the memory held is about one expert, whatever the number of experts per layer."""
+    from spin_mega.conversion import converters
+
+    produced: list[torch.Tensor] = []
+    reads: list[list[str]] = []
+    live_at_produce: list[int] = []
+    real_produce = converters._produce
+
+    def produce(rule, dims, reader, names, dtype, stacked):
+        live_at_produce.append(sum(t.untyped_storage().nbytes() for t in produced))
+        reads.append(list(names))
+        tensor = real_produce(rule, dims, reader, names, dtype, stacked)
+        produced.append(tensor)
+        return tensor
+
+    monkeypatch.setattr(converters, "_produce", produce)
+    hf_to_mcore(sources["qwen3_moe"]["hf"], tmp_path / "mcore")
+    assert live_at_produce == [0] * len(reads)
+    expert_reads = [names for names in reads if ".experts." in names[0]]
+    assert len(expert_reads) == 2 * 4 * 2  # layers x experts x (fc1, fc2)
+    for names in expert_reads:
+        assert len({name.split(".experts.")[1].split(".")[0] for name in names}) == 1, names
+
+
+def test_mcore_to_hf_reads_expert_by_expert(sources, tmp_path, monkeypatch):
+    from spin_mega.conversion import dist_ckpt
+
+    boxes: list[tuple[str, tuple[int, ...]]] = []
+    real_read = dist_ckpt.CheckpointReader.read
+
+    def read(self, key, offsets, sizes):
+        boxes.append((key, tuple(sizes)))
+        return real_read(self, key, offsets, sizes)
+
+    monkeypatch.setattr(dist_ckpt.CheckpointReader, "read", read)
+    assert_same_tensors(sources["mixtral"]["hf"], mcore_to_hf(sources["mixtral"]["mcore"], tmp_path / "hf"))
+    expert_boxes = [sizes for key, sizes in boxes if ".experts." in key]
+    assert len(expert_boxes) == 2 * 4 * 2 and all(sizes[:2] == (1, 1) for sizes in expert_boxes)
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_moe_export_scores_as_the_source_in_transformers(sources, tmp_path, arch):
     from transformers import AutoModelForCausalLM
