@@ -15,7 +15,7 @@ computes one loss over all layers' logits pooled, so with L MoE layers the total
 Token dispatch. The all-gather dispatcher runs on gloo (CPU); the all-to-all one needs CUDA streams, so it is
 the GPU choice. Experts run as one grouped GEMM when Transformer Engine (TEGroupedMLP) or the `grouped_gemm`
 package (megatron-core's GroupedMLP) is there with CUDA, else one GEMM per local expert (SequentialMLP). All
-three save the same checkpoint tensors: experts stacked under `decoder.layers.mlp.experts.linear_fc{1,2}.weight`
+three save the same checkpoint tensors: experts stacked under `decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight`
 with a layer and an expert axis, so a checkpoint loads at any EP / ETP / TP / PP and with either kind of expert.
 """
 
