@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _seed_result(workdir: Path) -> dict:
-    from spin_mega.report import load_run, paired_comparison, signatures
-    from spin_mega.significance import mean_and_se
+    from spin_mega.report.markdown import load_run, paired_comparison, signatures
+    from spin_mega.evaluation.significance import mean_and_se
 
     run = load_run(workdir)
     summary = json.loads((workdir / "summary.json").read_text())

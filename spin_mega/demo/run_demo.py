@@ -31,7 +31,7 @@ import yaml
 from spin_mega.config import config_from_dict
 from spin_mega.errors import SpinMegaError
 from spin_mega.io import atomic_write_json, read_jsonl
-from spin_mega.loop import SpinLoop, log
+from spin_mega.loop.driver import SpinLoop, log
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def demo_config(start_model: Path, iterations: int, backend: Optional[str], lr: 
 
 def validation_exact_match(model_dir: Path, rows: list[dict], max_new_tokens: int) -> float:
     """Greedy exact match on validation rows: the only number the demo chooses by."""
-    from spin_mega.evaluation import _load_hf, extract_answer, greedy_responses
+    from spin_mega.evaluation.heldout import _load_hf, extract_answer, greedy_responses
 
     model, tokenizer = _load_hf(model_dir)
     responses = greedy_responses(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)

@@ -74,7 +74,7 @@ def health_sentence(run) -> Optional[str]:
 
 def plot_health(run, path: Path) -> bool:
     """Change of the mean log-prob per token against theta_t, per step, with the collapse bound."""
-    from spin_mega import report  # the report's figure helpers; report imports this module at its top
+    from spin_mega.report import markdown as report  # the report's figure helpers; it imports this module at its top
 
     trained = [it for it in run.iterations if any(row.get(CHANGE_KEYS[0][0]) is not None for row in it.metrics)]
     if not trained:

@@ -1,7 +1,7 @@
 """The SPIN loop (`spin-mega run`): for t = 0..T-1, theta_t generates, theta_(t+1) is trained against it.
 
 Every stage runs in processes of its own (vLLM engines, the training ranks, the converter, the evaluation),
-on this node or as srun steps across a Slurm allocation (spin_mega/loop_stages.py): memory is returned
+on this node or as srun steps across a Slurm allocation (spin_mega/loop/stages.py): memory is returned
 between stages and a crash in one stage leaves the others' outputs intact. Each stage writes its outputs under a temporary name, renames them into
 place and then marks itself done, so re-running the same command resumes at the first unfinished stage.
 
@@ -34,7 +34,7 @@ import yaml
 from spin_mega.config import SpinConfig, config_from_dict, config_to_dict, dump_config, per_iteration
 from spin_mega.errors import SpinMegaError, TrainingUnhealthy
 from spin_mega.io import atomic_write_json, atomic_write_text, read_jsonl
-from spin_mega.loop_stages import EXIT_PREEMPTED, Preempted, StageFailed, log, make_launcher, spin_mega_cmd  # noqa: F401
+from spin_mega.loop.stages import EXIT_PREEMPTED, Preempted, StageFailed, log, make_launcher, spin_mega_cmd  # noqa: F401
 from spin_mega.models import checkpoint as model_ckpt
 
 HELDOUT_PREFIX = "heldout/"

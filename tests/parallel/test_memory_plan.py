@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from spin_mega.config import ModelConfig
-from spin_mega.models import memory_plan as mp
+from spin_mega.parallel import memory_plan as mp
 from spin_mega.parallel.distributed import free_port
 from tests.support import REPO, TINY_MODEL, build_tokenizer, spin_mega, write_pairs
 

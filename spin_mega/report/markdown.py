@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 
 from spin_mega.errors import SpinMegaError
 from spin_mega.io import atomic_open, atomic_write_text
-from spin_mega.report_health import health_sentence, plot_health, read_health
+from spin_mega.report.health import health_sentence, plot_health, read_health
 
 LN2 = math.log(2.0)
 REPORT_DIR = "report"
@@ -471,7 +471,7 @@ def _items(ev: Optional[dict]) -> Optional[list[int]]:
 
 def paired_comparison(ours: Optional[dict], theirs: Optional[dict]):
     """McNemar's test of two evaluations' per-item exact match, or None when either lacks them."""
-    from spin_mega.significance import mcnemar
+    from spin_mega.evaluation.significance import mcnemar
 
     a, b = _items(ours), _items(theirs)
     if a is None or b is None or len(a) != len(b):
@@ -492,7 +492,7 @@ def verdict(run: RunData) -> str:
     control = run.sft_control["eval"]
     test = paired_comparison(last.eval, control)
     if test is not None:
-        from spin_mega.significance import ALPHA
+        from spin_mega.evaluation.significance import ALPHA
 
         return (
             f"SPIN {test.word} the SFT control on held-out exact match: {test.a:.3f} ± {test.a_se:.3f} after "
@@ -563,7 +563,7 @@ def _signature_lines(run: RunData) -> list[str]:
 
 def _comparison_lines(run: RunData) -> list[str]:
     """Each arm's exact match ± one standard error, and the paired tests behind the verdict."""
-    from spin_mega.significance import mean_and_se
+    from spin_mega.evaluation.significance import mean_and_se
 
     arms = [("θ0 (start)", run.baseline)]
     arms += [(f"SPIN iteration {it.t}", it.eval) for it in run.iterations if it.finished]

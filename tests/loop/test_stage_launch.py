@@ -12,7 +12,7 @@ import pytest
 from spin_mega.config import SpinConfig
 from spin_mega.errors import SpinMegaError
 from spin_mega.generation.placement import engine_env
-from spin_mega.loop_stages import LocalStages, SlurmStages, rendezvous_port, training_env
+from spin_mega.loop.stages import LocalStages, SlurmStages, rendezvous_port, training_env
 
 NODE = {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_JOB_ID": "90210"}
 

@@ -7,7 +7,7 @@
   log p_new(y'|x) - log p_opp(y'|x).
 - exact_match: the task metric where the held-out rows carry an `answer`: greedy decoding, answer
   extracted as the text after the last "is " or ": " without the closing full stop (the demo's style).
-- lm-evaluation-harness tasks, when `eval.lm_eval_tasks` is set (spin_mega/leaderboard.py: the Open LLM
+- lm-evaluation-harness tasks, when `eval.lm_eval_tasks` is set (spin_mega/evaluation/leaderboard.py: the Open LLM
   Leaderboard v1 set with its few-shot counts, batched, offline).
 """
 
@@ -128,7 +128,7 @@ def evaluate(
     if rows:
         result.update(_heldout_metrics(model_dir, rows, cfg, opponent_dir, heldout_pairs, chat))
     if cfg.lm_eval_tasks:
-        from spin_mega.leaderboard import run_lm_eval
+        from spin_mega.evaluation.leaderboard import run_lm_eval
 
         result["lm_eval"] = run_lm_eval(model_dir, cfg)
     return result
