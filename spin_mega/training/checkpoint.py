@@ -29,6 +29,7 @@ from megatron.core import dist_checkpointing
 from spin_mega.errors import SpinMegaError
 from spin_mega.io import atomic_write_json, atomic_write_text
 from spin_mega.models import checkpoint as model_ckpt
+from spin_mega.rundir import CHECKPOINTS_DIR, LATEST_POINTER
 
 KEEP_LAST = 2
 # The distributed optimizer's one format that keeps the inner optimizer's own state names (RMSProp's
@@ -38,12 +39,12 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def checkpoint_root(workdir: str | Path) -> Path:
-    return Path(workdir) / "checkpoints"
+    return Path(workdir) / CHECKPOINTS_DIR
 
 
 def latest_checkpoint(workdir: str | Path) -> Optional[Path]:
     root = checkpoint_root(workdir)
-    pointer = root / "latest"
+    pointer = root / LATEST_POINTER
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
@@ -117,7 +118,7 @@ def save(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        atomic_write_text(root / "latest", name + "\n")
+        atomic_write_text(root / LATEST_POINTER, name + "\n")
         _prune(root, keep=name)
     dist.barrier()
     return final
