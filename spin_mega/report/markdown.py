@@ -1,417 +1,25 @@
-"""The human-readable report of a work directory: PNG plots and report.md under WORKDIR/report/.
+"""The human-readable report of a work directory: report.md (verdict, tables, notes) beside the plots, under
+WORKDIR/report/.
 
-`write_report(workdir)` is called by the loop after every iteration and by `spin-mega report`, so it reads
-whatever exists and never requires a finished run: an iteration counts as finished once its evaluation is
-known (from summary.json, or from iter_<t>/eval.json written just before the summary entry); everything
-else is reported as unfinished with what it has so far.
+`write_report(workdir)` is called by the loop after every iteration and by `spin-mega report`; it reads
+whatever exists (report/load.py), so it never requires a finished run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
-
-from spin_mega.errors import SpinMegaError
-from spin_mega.io import atomic_open, atomic_write_text
-from spin_mega.report.health import health_sentence, plot_health, read_health
-
-LN2 = math.log(2.0)
-REPORT_DIR = "report"
-PLOTS = {
-    "loss": "loss.png",
-    "rewards": "rewards.png",
-    "heldout": "heldout.png",
-    "lengths": "lengths.png",
-    "health": "health.png",
-}
-_ITER_DIR = re.compile(r"^iter_(\d+)$")
-# Held-out metrics as (EVAL key, table/plot label); exact match first because it decides the verdict.
-HELDOUT = (
-    ("exact_match", "held-out exact match"),
-    ("heldout_logp_per_token", "held-out logp/token"),
-    ("heldout_reward_accuracy", "held-out reward accuracy"),
-)
-
-
-@dataclass
-class Lengths:
-    """Per-row response lengths of one generations file, in both units, so one unit can be chosen for
-    the whole run (comparing generated tokens with human words would be meaningless)."""
-
-    chosen_words: list[int] = field(default_factory=list)
-    rejected_words: list[int] = field(default_factory=list)
-    rejected_tokens: list[Optional[int]] = field(default_factory=list)
-    chosen_tokens: list[Optional[int]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.rejected_words)
-
-
-@dataclass
-class Iteration:
-    t: int
-    entry: dict = field(default_factory=dict)  # this iteration's summary.json entry, {} if none yet
-    eval: Optional[dict] = None
-    metrics: list[dict] = field(default_factory=list)
-    lengths: Optional[Lengths] = None  # None when generations.jsonl does not exist
-    health: Optional[dict] = None  # train_summary.json's health entry
-    stopped: Optional[dict] = None  # the record of a training stopped unhealthy (training/health.py)
-
-    @property
-    def finished(self) -> bool:
-        return self.eval is not None
-
-    @property
-    def steps(self) -> Optional[int]:
-        train = self.entry.get("train") or {}
-        if isinstance(train.get("steps"), (int, float)):
-            return int(train["steps"])
-        return int(self.metrics[-1]["step"]) if self.metrics else None
-
-    def final(self, key: str) -> Optional[float]:
-        """The summary's final_<key>, else the last logged value, so a running iteration shows progress."""
-        train = self.entry.get("train") or {}
-        value = train.get(f"final_{key}")
-        if value is None and self.metrics:
-            value = self.metrics[-1].get(key)
-        return _number(value)
-
-    def mean_generated_length(self, unit: str) -> tuple[Optional[float], bool]:
-        """Mean generated-response length in the run's length unit, from generations.jsonl so that it
-        matches the length plot; (value, True) when only summary.json's figure is available."""
-        if self.lengths:
-            values = self.lengths.rejected_tokens if unit == "tokens" else self.lengths.rejected_words
-            return sum(values) / len(values), False
-        gen = self.entry.get("generation") or {}
-        return _number(gen.get("mean_response_tokens")), True
-
-
-@dataclass
-class RunData:
-    workdir: Path
-    iterations: list[Iteration]
-    baseline: Optional[dict]  # EVAL of theta_0
-    sft_control: Optional[dict]  # {"steps": int, "eval": EVAL}
-    demo: Optional[dict] = None  # the demo's model selection (summary.json "demo"), when present
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def _number(value) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-def _jsonl_rows(path: Path) -> Iterator[dict]:
-    """Rows of a JSONL file being appended to by another process: a torn or garbled line is skipped
-    rather than failing the whole report."""
-    with open(path, errors="replace") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                yield row
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict] = {}
-    for row in _jsonl_rows(path):
-        step = _number(row.get("step"))
-        if step is not None:
-            by_step[int(step)] = row  # a resumed run may repeat a step; the later line is the kept one
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def _count(value) -> Optional[int]:
-    number = _number(value)
-    return int(number) if number is not None else None
-
-
-def _read_lengths(path: Path) -> Optional[Lengths]:
-    if not path.is_file():
-        return None
-    lengths = Lengths()
-    for row in _jsonl_rows(path):
-        chosen, rejected = row.get("chosen"), row.get("rejected")
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            continue
-        meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-        lengths.chosen_words.append(len(chosen.split()))
-        lengths.rejected_words.append(len(rejected.split()))
-        lengths.rejected_tokens.append(_count(meta.get("num_tokens")))
-        lengths.chosen_tokens.append(_count(meta.get("chosen_num_tokens")))
-    return lengths
-
-
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpinMegaError(f"cannot read {what} {path} ({exc})") from None
-
-
-def _eval_or_none(value) -> Optional[dict]:
-    return value if isinstance(value, dict) and value else None
-
-
-def load_run(workdir: str | Path) -> RunData:
-    workdir = Path(workdir)
-    if not workdir.exists():
-        raise SpinMegaError(f"work directory {workdir} does not exist")
-    if not workdir.is_dir():
-        raise SpinMegaError(f"work directory {workdir} is not a directory")
-    summary = {}
-    summary_path = workdir / "summary.json"
-    if summary_path.is_file():
-        summary = _read_json(summary_path, "the run summary")
-        if not isinstance(summary, dict):
-            raise SpinMegaError(f"{summary_path} is not a JSON object")
-
-    entries: dict[int, dict] = {}
-    for entry in summary.get("iterations") or []:
-        if isinstance(entry, dict) and _number(entry.get("iteration")) is not None:
-            entries[int(entry["iteration"])] = entry
-    on_disk = {int(m.group(1)) for p in workdir.iterdir() if p.is_dir() and (m := _ITER_DIR.match(p.name))}
-
-    iterations = []
-    for t in sorted(set(entries) | on_disk):
-        it = Iteration(t=t, entry=entries.get(t, {}))
-        it.eval = _eval_or_none(it.entry.get("eval"))
-        eval_path = workdir / f"iter_{t}" / "eval.json"
-        if it.eval is None and eval_path.is_file():
-            with contextlib.suppress(SpinMegaError):
-                it.eval = _eval_or_none(_read_json(eval_path, "the evaluation"))
-        it.metrics = _read_metrics(workdir / f"iter_{t}" / "train" / "metrics.jsonl")
-        it.lengths = _read_lengths(workdir / f"iter_{t}" / "generations.jsonl")
-        it.health, it.stopped = read_health(workdir / f"iter_{t}" / "train", it.entry)
-        iterations.append(it)
-
-    if not summary_path.is_file() and not any(it.metrics for it in iterations):
-        raise SpinMegaError(f"{workdir} has no summary.json and no training metrics, so there is nothing to report")
-    baseline = _eval_or_none((summary.get("baseline") or {}).get("eval"))
-    if baseline is None and (workdir / "baseline_eval.json").is_file():
-        # The loop evaluates theta_0 before any summary entry exists; show it while iteration 0 runs.
-        with contextlib.suppress(SpinMegaError):
-            baseline = _eval_or_none(_read_json(workdir / "baseline_eval.json", "the baseline evaluation"))
-    control = summary.get("sft_control")
-    control = control if isinstance(control, dict) and _eval_or_none(control.get("eval")) else None
-    demo = summary.get("demo") if isinstance(summary.get("demo"), dict) else None
-    return RunData(workdir, iterations, baseline, control, demo)
-
-
-# ---------------------------------------------------------------------------------------------- plots
-
-
-def _new_figure(width: float, height: float, rows: int = 1, cols: int = 1, **kwargs):
-    # An explicit Agg canvas instead of pyplot: the loop calls this inside a long-lived process, where
-    # pyplot's global figure registry and backend selection would leak state (and need a display).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False, **kwargs)
-    return fig, axes
-
-
-def _save_png(fig, path: Path) -> None:
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110)
-
-
-def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
-
-
-def _step_offsets(iterations: list[Iteration]) -> dict[int, int]:
-    """Global-step offset of each iteration: the steps of all earlier ones (logged or summarised)."""
-    offsets, total = {}, 0
-    for it in iterations:
-        offsets[it.t] = total
-        total += it.steps or 0
-    return offsets
-
-
-def _series(it: Iteration, key: str, offset: int) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for row in it.metrics:
-        value = _number(row.get(key))
-        if value is not None:
-            xs.append(offset + int(row["step"]))
-            ys.append(value)
-    return xs, ys
-
-
-def _mark_boundaries(ax, iterations: list[Iteration], offsets: dict[int, int]) -> None:
-    for it in iterations[1:]:
-        if it.metrics:
-            ax.axvline(offsets[it.t] + 0.5, color="0.8", linewidth=0.8, linestyle=":")
-
-
-def plot_loss(run: RunData, path: Path) -> bool:
-    trained = [it for it in run.iterations if it.metrics]
-    if not trained:
-        return False
-    offsets = _step_offsets(run.iterations)
-    fig, axes = _new_figure(8, 4.5)
-    ax = axes[0][0]
-    for it, color in zip(trained, _colors(len(trained))):
-        xs, ys = _series(it, "loss", offsets[it.t])
-        ax.plot(xs, ys, color=color, linewidth=1.2, marker="." if len(xs) < 40 else None, label=f"iteration {it.t}")
-    ax.axhline(LN2, color="black", linestyle="--", linewidth=0.9, label="ln 2 (loss at each iteration's first step)")
-    _mark_boundaries(ax, run.iterations, offsets)
-    ax.set_xlabel("global optimizer step (across iterations)")
-    ax.set_ylabel("SPIN loss")
-    ax.set_title("Training loss per step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    _save_png(fig, path)
-    return True
-
-
-def plot_rewards(run: RunData, path: Path) -> bool:
-    trained = [it for it in run.iterations if it.metrics]
-    if not trained:
-        return False
-    offsets = _step_offsets(run.iterations)
-    fig, axes = _new_figure(8, 6.5, rows=2, sharex=True)
-    margin_ax, acc_ax = axes[0][0], axes[1][0]
-    for it, color in zip(trained, _colors(len(trained))):
-        marker = "." if len(it.metrics) < 40 else None
-        margin_ax.plot(*_series(it, "reward_margin", offsets[it.t]), color=color, marker=marker, linewidth=1.2, label=f"iteration {it.t}")
-        acc_ax.plot(*_series(it, "reward_accuracy", offsets[it.t]), color=color, marker=marker, linewidth=1.2, label=f"iteration {it.t}")
-    margin_ax.axhline(0.0, color="black", linewidth=0.8)
-    margin_ax.set_ylabel("reward margin\n(chosen − rejected)")
-    margin_ax.set_title("Implicit rewards per step")
-    acc_ax.set_ylabel("reward accuracy")
-    acc_ax.set_ylim(-0.03, 1.03)
-    acc_ax.set_xlabel("global optimizer step (across iterations)")
-    for ax in (margin_ax, acc_ax):
-        _mark_boundaries(ax, run.iterations, offsets)
-        ax.grid(alpha=0.3)
-    margin_ax.legend(fontsize="small")
-    _save_png(fig, path)
-    return True
-
-
-def plot_heldout(run: RunData, path: Path) -> bool:
-    finished = [it for it in run.iterations if it.finished]
-    if not finished and run.baseline is None and run.sft_control is None:
-        return False
-    fig, axes = _new_figure(13, 4.2, cols=3)
-    control = run.sft_control["eval"] if run.sft_control else None
-    for ax, (key, label) in zip(axes[0], HELDOUT):
-        xs = [it.t for it in finished if _number(it.eval.get(key)) is not None]
-        ys = [float(it.eval[key]) for it in finished if _number(it.eval.get(key)) is not None]
-        drawn = False
-        if xs:
-            ax.plot(xs, ys, marker="o", color="tab:blue", label=r"SPIN $\theta_{t+1}$")
-            drawn = True
-        if run.baseline and _number(run.baseline.get(key)) is not None:
-            ax.axhline(run.baseline[key], color="0.4", linestyle="--", label=r"$\theta_0$ (start SFT model)")
-            drawn = True
-        if control and _number(control.get(key)) is not None:
-            steps = run.sft_control.get("steps")
-            ax.axhline(control[key], color="tab:orange", linestyle="-.", label=f"SFT control ({steps} steps)" if steps else "SFT control")
-            drawn = True
-        if not drawn:
-            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes, color="0.5")
-        else:
-            ax.legend(fontsize="small")
-        ax.set_title(label)
-        ax.set_xlabel("iteration t")
-        ax.grid(alpha=0.3)
-        if run.iterations:
-            # Every iteration gets a tick, evaluated or not, so a missing point reads as "not yet" and a
-            # single point does not get a fractional axis.
-            ticks = [it.t for it in run.iterations]
-            ax.set_xticks(ticks)
-            ax.set_xlim(min(ticks) - 0.5, max(ticks) + 0.5)
-    fig.suptitle(r"Held-out evaluation of $\theta_{t+1}$ (the model trained in iteration t)")
-    _save_png(fig, path)
-    return True
-
-
-def length_unit(run: RunData) -> str:
-    """Tokens only when every row carries both token counts; otherwise whitespace words for both sides."""
-    rows = [it.lengths for it in run.iterations if it.lengths]
-    if rows and all(n is not None for ls in rows for n in ls.rejected_tokens + ls.chosen_tokens):
-        return "tokens"
-    return "words"
-
-
-def plot_lengths(run: RunData, path: Path) -> bool:
-    generated = [it for it in run.iterations if it.lengths]
-    if not generated:
-        return False
-    unit = length_unit(run)
-    fig, axes = _new_figure(max(7.0, 1.6 * len(generated) + 3), 4.5)
-    ax = axes[0][0]
-    data, positions, colors = [], [], []
-    for i, it in enumerate(generated):
-        ls = it.lengths
-        human = ls.chosen_tokens if unit == "tokens" else ls.chosen_words
-        model = ls.rejected_tokens if unit == "tokens" else ls.rejected_words
-        data += [human, model]
-        positions += [3 * i + 0.6, 3 * i + 1.4]
-        colors += ["tab:green", "tab:red"]
-    boxes = ax.boxplot(
-        data,
-        positions=positions,
-        widths=0.7,
-        patch_artist=True,
-        showmeans=True,
-        medianprops={"color": "black"},
-        meanprops={"marker": "^", "markerfacecolor": "white", "markeredgecolor": "black"},
-    )
-    for patch, color in zip(boxes["boxes"], colors):
-        patch.set_facecolor(color)
-        patch.set_alpha(0.45)
-    ax.set_xticks([3 * i + 1 for i in range(len(generated))], [f"iteration {it.t}\n(n={len(it.lengths)})" for it in generated])
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    ax.legend(
-        handles=[
-            Patch(facecolor="tab:green", alpha=0.45, label="human (chosen)"),
-            Patch(facecolor="tab:red", alpha=0.45, label=r"generated by $\theta_t$ (rejected)"),
-            Line2D([], [], color="black", label="median"),
-            Line2D([], [], linestyle="", marker="^", markerfacecolor="white", markeredgecolor="black", label="mean"),
-        ],
-        fontsize="small",
-        # Outside the axes: any corner inside can hide a box, depending on the lengths.
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
-    )
-    ax.set_ylabel(f"response length ({unit})")
-    ax.set_title("Response lengths: human vs generated")
-    ax.grid(axis="y", alpha=0.3)
-    _save_png(fig, path)
-    return True
-
-
-# ---------------------------------------------------------------------------------------------- markdown
+from typing import Optional
+
+from spin_mega.io import atomic_write_text
+from spin_mega.report.health import health_sentence, plot_health
+from spin_mega.report.load import Iteration, RunData, as_number, load_run
+from spin_mega.report.plots import HELDOUT, LN2, PLOTS, length_unit, plot_heldout, plot_lengths, plot_loss, plot_rewards
+from spin_mega.rundir import REPORT_DIR
 
 
 def _fmt(value, digits: int = 4) -> str:
-    number = _number(value)
+    number = as_number(value)
     if number is None:
         return "–"
     return f"{number:.{digits}f}"
@@ -457,7 +65,7 @@ def _table(run: RunData) -> list[str]:
         )
     if run.sft_control:
         steps = run.sft_control.get("steps")
-        steps_cell = str(int(steps)) if _number(steps) is not None else "–"
+        steps_cell = str(int(steps)) if as_number(steps) is not None else "–"
         lines.append("| " + " | ".join(["SFT control", "reference", steps_cell, "–", "–", *eval_cells(run.sft_control["eval"]), "–"]) + " |")
     return lines
 
@@ -502,7 +110,7 @@ def verdict(run: RunData) -> str:
             f"{'significant' if test.p_value < ALPHA else 'not significant'} at {ALPHA})."
         )
     for key, name in (("exact_match", "held-out exact match"), ("heldout_logp_per_token", "held-out log-likelihood per token")):
-        ours, theirs = _number(last.eval.get(key)), _number(control.get(key))
+        ours, theirs = as_number(last.eval.get(key)), as_number(control.get(key))
         if ours is not None and theirs is not None:
             break
     else:
@@ -528,7 +136,7 @@ LOSS_DROP = 0.1  # "well below ln 2": at least this far below it
 
 def signatures(it: Iteration) -> Optional[dict]:
     """The three SPIN signatures of one iteration's metrics, each with the numbers it was judged on."""
-    rows = [r for r in it.metrics if all(_number(r.get(k)) is not None for k in ("loss", "reward_margin", "reward_rejected"))]
+    rows = [r for r in it.metrics if all(as_number(r.get(k)) is not None for k in ("loss", "reward_margin", "reward_rejected"))]
     if len(rows) < 2:
         return None
     k = max(1, len(rows) // 10)
@@ -637,7 +245,7 @@ def _unfinished_note(run: RunData) -> Optional[str]:
 
 def _first_step_note(run: RunData) -> Optional[str]:
     # At step 1 the policy equals the opponent, so the logistic loss is exactly ln 2: a cheap sanity check.
-    firsts = [(it.t, _number(it.metrics[0].get("loss"))) for it in run.iterations if it.metrics and int(it.metrics[0]["step"]) == 1]
+    firsts = [(it.t, as_number(it.metrics[0].get("loss"))) for it in run.iterations if it.metrics and int(it.metrics[0]["step"]) == 1]
     if not firsts:
         return None
     values = ", ".join(f"iteration {t}: {_fmt(loss, 6)}" for t, loss in firsts)
