@@ -31,7 +31,8 @@ import yaml
 from spin_mega.config import config_from_dict
 from spin_mega.errors import SpinMegaError
 from spin_mega.io import atomic_write_json, read_jsonl
-from spin_mega.loop.driver import SpinLoop, log
+from spin_mega.loop.driver import SpinLoop
+from spin_mega.loop.stages import log
 from spin_mega.rundir import HELDOUT_GENERATIONS, HF_DIR, is_done, iteration_dir, stage_files
 
 
