@@ -170,3 +170,24 @@ def test_paper_losses_are_unchanged_by_the_new_keys():
         after = spin_loss(pc.float(), pr.float(), oc.float(), orj.float(), beta=0.1, loss_type=loss_type,
                           chosen_tokens=nc.float(), rejected_tokens=nr.float()).loss
         assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("loss_type, eps, sft_weight", [("ipo", 0.0, 0.5), ("robust", 0.2, 1.0)])
+def test_micro_batch_loss_wires_config_and_token_counts(loss_type, eps, sft_weight):
+    """The trainer's per-micro-batch loss (forward._loss_func): the config's keys and each side's token counts
+    reach the loss, and the summed stats carry sft_nll, on a precompute-mode micro-batch of 4 pairs."""
+    from spin_mega.training.forward import STAT_NAMES, _loss_func
+
+    pc, pr, oc, orj, nc, nr = _random_pairs(seed=21, n=4)
+    batch = {
+        "input_ids": torch.zeros(8, 16, dtype=torch.long),
+        "num_response_tokens": torch.cat([nc, nr]).long(),
+        "opponent_logps": torch.cat([oc, orj]).float(),
+    }
+    cfg = LossConfig(beta=0.1, loss_type=loss_type, label_smoothing=eps, sft_weight=sft_weight)
+    loss, extra = _loss_func(batch, cfg, False, torch.cat([pc, pr]).float())
+    ref = _family_reference(pc, pr, oc, orj, nc, nr, 0.1, loss_type, eps, sft_weight)
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-5)
+    stats = dict(zip(STAT_NAMES, extra["stats"].tolist()))
+    assert stats["sft_nll"] == pytest.approx((-pc / nc).sum().item(), rel=1e-5)
+    assert stats["chosen_tokens"] == nc.sum().item() and stats["rejected_tokens"] == nr.sum().item()

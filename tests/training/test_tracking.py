@@ -283,6 +283,20 @@ def test_tensorboard_resume_replaces_the_steps_after_the_checkpoint(tmp_path):
     assert _tensorboard_scalars(tmp_path)["loss"] == {1: 1.0, 2: 2.0, 3: 30.0, 4: 40.0}
 
 
+def test_wandb_resume_continues_the_same_run(tmp_path, monkeypatch):
+    for key, value in _wandb_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    cfg = SpinConfig(logging=LoggingConfig(wandb=WandbConfig(mode="offline", name="resumed")))
+    ids = []
+    for attempt in range(2):
+        tracker = trackers.WandbTracker(tmp_path / "w", cfg)
+        ids.append(tracker.run.id)
+        tracker.log({"loss": 1.0}, attempt + 1)
+        tracker.close()
+    assert ids[0] == ids[1] == (tmp_path / "w" / "wandb" / trackers.WANDB_RUN_ID).read_text().strip()
+    assert len(list((tmp_path / "w" / "wandb").glob(f"offline-run-*-{ids[0]}"))) == 2
+
+
 def test_loop_iteration_overrides_name_and_group_each_iteration(tmp_path):
     tiny = REPO / "configs" / "tiny-cpu.yaml"
     assert trackers.iteration_overrides(LoggingConfig(), tmp_path / "run", 0) == []  # W&B off
