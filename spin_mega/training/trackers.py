@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import signal
 import sys
 import urllib.error
 import urllib.request
@@ -140,25 +139,21 @@ class WandbTracker:
         if run_id is None:
             run_id = uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n")
-        # wandb starts its service process here; blocked signals are inherited, so a Slurm SIGUSR1/SIGTERM
-        # meant for the trainer's checkpoint does not kill the service before the run is finished.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
-        try:
-            self.run = wandb.init(
-                project=w.project,
-                name=w.name or workdir.resolve().name,
-                group=w.group,
-                job_type="train",
-                id=run_id,
-                resume="allow",
-                mode=w.mode,
-                dir=str(workdir),
-                config=config_to_dict(cfg),
-                # The trainer's stderr carries its own one-sentence errors and progress bar: leave it alone.
-                settings=wandb.Settings(console="off"),
-            )
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # Its service processes (wandb-core, wandb-symon) are Go programs, which ignore SIGUSR1: the launch
+        # scripts' preemption signal, sent to every process of the Slurm step, leaves them running.
+        self.run = wandb.init(
+            project=w.project,
+            name=w.name or workdir.resolve().name,
+            group=w.group,
+            job_type="train",
+            id=run_id,
+            resume="allow",
+            mode=w.mode,
+            dir=str(workdir),
+            config=config_to_dict(cfg),
+            # The trainer's stderr carries its own one-sentence errors and progress bar: leave it alone.
+            settings=wandb.Settings(console="off"),
+        )
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
