@@ -28,14 +28,12 @@ WANDB_DIR = "wandb"  # wandb's own folder, created by wandb under the training w
 WANDB_RUN_ID = "spin-mega-run-id"  # inside WANDB_DIR: a resumed training continues the same W&B run
 ONLINE_CHECK_TIMEOUT_S = 5.0
 
-_PACKAGES = {"tensorboard": "TensorBoard", "wandb": "W&B"}
 
-
-def _require(package: str, key: str) -> None:
+def _require(package: str, setting: str, off: str) -> None:
     if importlib.util.find_spec(package) is None:
         raise ConfigError(
-            f"{key} is on but the {package} package is not installed; install it with "
-            f"`pip install 'spin-mega[tracking]'` (or `pip install {package}`), or turn {key} off"
+            f"{setting} but the {package} package is not installed; install it with "
+            f"`pip install 'spin-mega[tracking]'` (or `pip install {package}`), or set {off}"
         )
 
 
@@ -43,11 +41,11 @@ def check(logging: LoggingConfig) -> None:
     """Refuses, in one sentence, a tracker that cannot work: its package missing, or for online W&B no API
     key or a server that does not answer within a few seconds. Offline W&B needs no network."""
     if logging.tensorboard:
-        _require("tensorboard", "logging.tensorboard")
+        _require("tensorboard", "logging.tensorboard is true", "logging.tensorboard false")
     mode = logging.wandb.mode
     if mode == "off":
         return
-    _require("wandb", f"logging.wandb.mode {mode}")
+    _require("wandb", f"logging.wandb.mode is {mode}", "logging.wandb.mode off")
     if mode == "online":
         _check_wandb_online()
 
@@ -214,10 +212,9 @@ class TrackerFanout:
 
 def iteration_overrides(logging: LoggingConfig, loop_workdir: Path, iteration: int) -> list[str]:
     """`--set` arguments that make one loop iteration's training a W&B run of its own, NAME/iter_T in the
-    group NAME (the loop's name: logging.wandb.name, else its work directory's name; logging.wandb.group, when
-    set, names the group instead). TensorBoard needs none:
-    each iteration writes under LOOP_WORKDIR/iter_T/train/tensorboard, so `tensorboard --logdir LOOP_WORKDIR`
-    shows the iterations side by side."""
+    group NAME (the loop's name: logging.wandb.name, else its work directory's name; logging.wandb.group,
+    when set, names the group instead). TensorBoard needs none: each iteration writes under
+    LOOP_WORKDIR/iter_T/train/tensorboard, so `tensorboard --logdir LOOP_WORKDIR` shows them side by side."""
     if logging.wandb.mode == "off":
         return []
     name = logging.wandb.name or Path(loop_workdir).resolve().name

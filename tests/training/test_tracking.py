@@ -200,14 +200,14 @@ def test_spin_mega_run_refuses_an_unreachable_wandb_server_before_any_stage(tiny
     assert not workdir.exists()  # refused before the loop wrote anything
 
 
-@pytest.mark.parametrize("package, key", [("tensorboard", "logging.tensorboard"), ("wandb", "logging.wandb.mode offline")])
+@pytest.mark.parametrize("package, key", [("tensorboard", "logging.tensorboard is true"), ("wandb", "logging.wandb.mode is offline")])
 def test_missing_package_is_one_sentence(monkeypatch, package, key):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
     logging = LoggingConfig(tensorboard=package == "tensorboard", wandb=WandbConfig(mode="offline" if package == "wandb" else "off"))
-    with pytest.raises(ConfigError, match=rf"{key} is on but the {package} package is not installed.*spin-mega\[tracking\]"):
+    with pytest.raises(ConfigError, match=rf"{key} but the {package} package is not installed.*spin-mega\[tracking\]"):
         trackers.check(logging)
 
 
