@@ -24,7 +24,6 @@ from spin_mega.config import LoggingConfig, LossConfig, SpinConfig, WandbConfig,
 from spin_mega.errors import ConfigError
 from spin_mega.training import trackers
 from spin_mega.training.loss import first_step_loss
-from spin_mega.training.metrics import MetricsWriter
 from tests.support import REPO, free_port, read_metrics, spin_mega
 
 BETA, SFT_WEIGHT = 0.1, 0.5
