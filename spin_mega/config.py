@@ -93,8 +93,18 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    """The preference loss (training/loss.py; formulas, closed forms and the keys that combine in
+    docs/losses.md)."""
+
     beta: float = 0.1
-    loss_type: Literal["logistic", "hinge"] = "logistic"
+    # logistic and hinge: the SPIN paper's; ipo: squared distance of the per-token-mean log-ratio margin
+    # from 1/(2 beta); robust: the logistic loss corrected for a fraction label_smoothing of flipped pairs.
+    loss_type: Literal["logistic", "hinge", "ipo", "robust"] = "logistic"
+    # The fraction of pairs assumed mislabelled, in [0, 0.5): logistic smooths towards it (conservative DPO),
+    # robust corrects for it; hinge and ipo take none.
+    label_smoothing: float = 0.0
+    # Adds this times the policy's negative log-likelihood per token of the human (chosen) response.
+    sft_weight: float = 0.0
 
 
 @dataclass
@@ -190,6 +200,25 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    # off, offline (run files under WORKDIR/wandb, `wandb sync` them later; no network) or online.
+    mode: Literal["off", "offline", "online"] = "off"
+    project: str = "spin-mega"
+    # This run's name (default: the work directory's name). `spin-mega run` names each iteration's training
+    # NAME/iter_T and sets group to NAME, so the iterations of one loop appear together.
+    name: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment trackers fed with every scalar of metrics.jsonl (training/trackers.py, docs/tracking.md)."""
+
+    tensorboard: bool = False  # event files under WORKDIR/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class SpinConfig:
     start_model: Optional[str] = None  # HF model directory, or a Megatron checkpoint written by spin-mega
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -201,6 +230,7 @@ class SpinConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     iterations: IterationConfig = field(default_factory=IterationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -368,6 +398,7 @@ def validate(cfg: SpinConfig) -> None:
     check_virtual_pipeline(p.pipeline_parallel, p.virtual_pipeline_parallel)
     if cfg.loss.beta <= 0:
         raise ConfigError("loss.beta must be positive")
+    _validate_loss(cfg.loss)
     if not t.collapse_bound > 0:
         raise ConfigError("train.collapse_bound must be positive (nats per token)")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
@@ -382,6 +413,22 @@ def validate(cfg: SpinConfig) -> None:
     if m.hf_config is None:
         if m.num_attention_heads % m.num_query_groups:
             raise ConfigError("model.num_attention_heads must be a multiple of model.num_query_groups")
+
+
+def _validate_loss(loss: LossConfig) -> None:
+    if not 0.0 <= loss.label_smoothing < 0.5:
+        raise ConfigError("loss.label_smoothing must be in [0, 0.5): the fraction of pairs assumed mislabelled")
+    if loss.label_smoothing and loss.loss_type in ("hinge", "ipo"):
+        raise ConfigError(
+            f"loss.label_smoothing applies to the logistic and robust losses only; the {loss.loss_type} loss has "
+            "no smoothed form, so set loss.label_smoothing to 0"
+        )
+    if loss.loss_type == "robust" and not loss.label_smoothing:
+        raise ConfigError(
+            "loss.loss_type robust needs loss.label_smoothing in (0, 0.5); with 0 it is the logistic loss, so use logistic"
+        )
+    if not loss.sft_weight >= 0:
+        raise ConfigError("loss.sft_weight must be zero or positive")
 
 
 def per_iteration(values: list, iteration: int):
