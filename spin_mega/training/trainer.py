@@ -427,9 +427,9 @@ class Trainer:
         cfg = self.cfg
         opponent_table = None if self.fused else self._precompute_opponent()
         start_step = 0
-        latest = train_ckpt.latest_checkpoint(self.workdir)
-        if latest is not None:
-            state = train_ckpt.load(latest, self.policies, self.optimizer, self.scheduler, config_to_dict(cfg)["parallel"])
+        resumed = train_ckpt.resume(self.workdir, self.policies, self.optimizer, self.scheduler, config_to_dict(cfg)["parallel"], _log)
+        if resumed is not None:
+            latest, state = resumed
             start_step = int(state["step"])
             _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
         self._truncate_metrics(start_step)
