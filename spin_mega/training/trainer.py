@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spin_mega.config import SpinConfig, config_to_dict
 from spin_mega.errors import SpinMegaError, TrainingUnhealthy
-from spin_mega.io import atomic_write_json
+from spin_mega.io import atomic_write_json, atomic_write_text, read_jsonl
 from spin_mega.models import checkpoint as model_ckpt
 from spin_mega.models.chunks import build_model_chunks
 from spin_mega.models.gpt import padded_vocab_size, transformer_config
@@ -401,15 +401,8 @@ class Trainer:
         path = self.workdir / "metrics.jsonl"
         if not (_is_metrics_writer() and path.is_file()):
             return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by the interruption
-            if row.get("step", 0) <= step:
-                keep.append(line)
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
+        atomic_write_text(path, "".join(health.finite_json_line(row) + "\n" for row in keep))
 
     def _stop_unhealthy(self, step: int, cause: str) -> int:
         """Leaves the checkpoints and `latest` as they are; the state that failed is never saved."""
