@@ -58,3 +58,25 @@ def test_a_damaged_line_elsewhere_is_refused_with_file_line_and_fix(tmp_path, da
     message = str(caught.value)
     assert message.startswith(f"{path} {problem}"), message
     assert message.endswith("repair or delete that line") and "\n" not in message
+
+
+def test_the_warning_is_given_once_per_file_and_line(tmp_path, capsys):
+    path = tmp_path / "twice.jsonl"
+    path.write_bytes(_lines(ROWS) + b'{"st')
+    read_jsonl(path)
+    read_jsonl(path)
+    assert capsys.readouterr().err.count("half-written") == 1
+
+
+@pytest.mark.parametrize("tail, kept", [(b'{"prompt_id": "c", "x": 1}', 3), (b'{"prompt_id": "c", "x', 2)],
+                         ids=["whole row without its newline", "torn row"])
+def test_generation_resume_leaves_a_partial_file_that_appends_on_a_line_of_its_own(tmp_path, tail, kept):
+    from spin_mega.generation.runner import _read_partial
+
+    path = tmp_path / "out.jsonl.partial"
+    path.write_bytes(b'{"prompt_id": "a", "x": 1}\n{"prompt_id": "b", "x": 1}\n' + tail)
+    done = _read_partial(path, {"a": 0, "b": 1, "c": 2})
+    assert len(done) == kept
+    with open(path, "a") as handle:  # what the runner does next
+        handle.write('{"prompt_id": "d", "x": 1}\n')
+    assert [r["prompt_id"] for r in read_jsonl(path)] == ["a", "b", "c", "d"][:kept] + ["d"]
