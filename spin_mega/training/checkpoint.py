@@ -158,7 +158,7 @@ def save(
         except Exception as exc:
             failure = exc
     if _any_rank(failure is not None):
-        raise _save_failed(root, name, tmp, None, failure, tensor_bytes, free_before)
+        raise _save_failed(root, name, tmp, failure, tensor_bytes, free_before)
     if rank == 0:
         renamed = False
         try:
@@ -173,7 +173,7 @@ def save(
             if renamed:  # `latest` still names the previous checkpoint: take back the new one
                 os.replace(final, tmp)
     if _any_rank(failure is not None):
-        raise _save_failed(root, name, tmp, final, failure, tensor_bytes, free_before)
+        raise _save_failed(root, name, tmp, failure, tensor_bytes, free_before)
     if rank == 0:
         _prune(root, keep=name)
     dist.barrier()
@@ -213,8 +213,8 @@ def _human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _save_failed(root: Path, name: str, tmp: Path, final: Optional[Path], failure: Optional[BaseException],
-                 tensor_bytes: int, free_before: int) -> SpinMegaError:
+def _save_failed(root: Path, name: str, tmp: Path, failure: Optional[BaseException], tensor_bytes: int,
+                 free_before: int) -> SpinMegaError:
     """Collective: removes the partial save and returns the sentence for it. The disk counts as full when
     any rank saw ENOSPC / EDQUOT, or when next to nothing is left free on it now."""
     numbers = error_numbers(failure) if failure is not None else set()

@@ -76,8 +76,8 @@ def _numeric_keys() -> dict[str, tuple[type, bool]]:
 
     keys = {}
     for section in dataclasses.fields(SpinConfig):
-        if not dataclasses.is_dataclass(section.type) and section.default_factory is dataclasses.MISSING:
-            continue
+        if not dataclasses.is_dataclass(section.default_factory):
+            continue  # start_model: a path
         for name, hint in typing.get_type_hints(section.default_factory).items():
             is_list = typing.get_origin(hint) is list
             inner = set(typing.get_args(hint)) | {hint}
