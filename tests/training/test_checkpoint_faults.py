@@ -112,7 +112,8 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tiny_run, tr
     _truncate(shard)
     damaged = _files(root / "step_000002")
 
-    result = _train(tiny_run, workdir, 3)
+    # Two saves past the damaged step: pruning to the last two checkpoints must not take the damaged one.
+    result = _train(tiny_run, workdir, 4)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     notes = [line for line in result.stderr.splitlines() if "step_000002" in line and "corrupt" in line]
@@ -121,11 +122,11 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tiny_run, tr
     # Kept aside as it was, never deleted, and never pruned as an old checkpoint afterwards.
     aside = sorted(root.glob("step_000002.corrupt-*"))
     assert len(aside) == 1 and _files(aside[0]) == damaged
-    assert (root / "latest").read_text().strip() == "step_000003"
+    assert (root / "latest").read_text().strip() == "step_000004"
     # Resumed from step 1: the re-trained step 2 is the step 2 of the undamaged run.
     original = read_metrics(trained)
     rows = read_metrics(workdir)
-    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert rows[1]["loss"] == pytest.approx(original[1]["loss"], rel=1e-6, abs=1e-7)
 
 
