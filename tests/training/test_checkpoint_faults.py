@@ -60,18 +60,19 @@ def _copy(trained: Path, dest: Path) -> Path:
 
 def test_sigterm_to_the_process_group_during_a_save_still_saves_and_exits_75(tiny_run, trained, tmp_path):
     """Slurm without --signal sends SIGTERM to every process of the step: the trainer and the checkpoint
-    library's helper processes alike. The signal lands while the step-3 checkpoint is being written."""
+    library's helper processes alike. The signal lands while the step-4 checkpoint is being written, the
+    second save of the process, when every helper the first one needed is running."""
     workdir = _copy(trained, tmp_path / "w")
     cmd = [sys.executable, "-m", "spin_mega", "train", str(tiny_run["config"]), "--workdir", str(workdir),
            "--max-steps", "6", "--set", "train.save_interval=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    saving = workdir / "checkpoints" / ".step_000003.tmp"
+    saving = workdir / "checkpoints" / ".step_000004.tmp"
     try:
         deadline = time.time() + 300
         while not saving.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
-        assert saving.exists(), "the step-3 save never started"
+        assert saving.exists(), "the step-4 save never started"
         os.killpg(proc.pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=300)
     finally:
@@ -81,13 +82,13 @@ def test_sigterm_to_the_process_group_during_a_save_still_saves_and_exits_75(tin
     assert "Traceback" not in stderr, stderr[-3000:]
     root = workdir / "checkpoints"
     # The save in progress completed, then the stop saved at the next step boundary.
-    assert (root / "latest").read_text().strip() == "step_000004"
+    assert (root / "latest").read_text().strip() == "step_000005"
     assert not list(root.glob(".*.tmp")), "a partial save was left behind"
-    assert (root / "step_000003" / "trainer_state.json").is_file()
+    assert (root / "step_000004" / "trainer_state.json").is_file()
 
     resumed = _train(tiny_run, workdir, 6)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr and "step_000004" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "step_000005" in resumed.stderr
     assert [row["step"] for row in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
 
 
