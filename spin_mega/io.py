@@ -104,7 +104,7 @@ def scan_jsonl(path: str | Path, fix: str = "repair or delete that line") -> Jso
                     f"leaves: {fix}"
                 )
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = json.loads(raw.decode("utf-8").rstrip())
             except UnicodeDecodeError as exc:
                 bad = (number, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte offset {start + exc.start})")
                 continue

@@ -42,7 +42,7 @@ def test_a_whole_last_row_without_its_newline_is_kept(tmp_path, capsys):
 @pytest.mark.parametrize(
     "damage, problem",
     [
-        (lambda data: data.replace(b'"loss": 0.68', b'"loss": 0.', 1), "line 2 is not valid JSON"),
+        (lambda data: data.replace(b'"loss": 0.68', b'"loss": 0.', 1), "line 2 is not valid JSON (Expecting ',' delimiter at column 22)"),
         (lambda data: data.replace("café".encode(), b"caf\xe9", 1), "line 2 is not UTF-8 text (byte 0xe9 at byte offset 64)"),
         (lambda data: data.replace(b'{"step": 2, "loss": 0.68, "note": "caf\xc3\xa9"}', b"[2, 0.68]", 1), "line 2 holds a JSON list"),
     ],
