@@ -93,8 +93,18 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    """The preference loss (training/loss.py; formulas, closed forms and the keys that combine in
+    docs/losses.md)."""
+
     beta: float = 0.1
-    loss_type: Literal["logistic", "hinge"] = "logistic"
+    # logistic and hinge: the SPIN paper's; ipo: squared distance of the per-token-mean log-ratio margin
+    # from 1/(2 beta); robust: the logistic loss corrected for a fraction label_smoothing of flipped pairs.
+    loss_type: Literal["logistic", "hinge", "ipo", "robust"] = "logistic"
+    # The fraction of pairs assumed mislabelled, in [0, 0.5): logistic smooths towards it (conservative DPO),
+    # robust corrects for it; hinge and ipo take none.
+    label_smoothing: float = 0.0
+    # Adds this times the policy's negative log-likelihood per token of the human (chosen) response.
+    sft_weight: float = 0.0
 
 
 @dataclass
@@ -190,6 +200,25 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    # off, offline (run files under WORKDIR/wandb, `wandb sync` them later; no network) or online.
+    mode: Literal["off", "offline", "online"] = "off"
+    project: str = "spin-mega"
+    # This run's name (default: the work directory's name). `spin-mega run` names each iteration's training
+    # NAME/iter_T and sets group to NAME, so the iterations of one loop appear together.
+    name: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment trackers fed with every scalar of metrics.jsonl (training/trackers.py, docs/tracking.md)."""
+
+    tensorboard: bool = False  # event files under WORKDIR/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class SpinConfig:
     start_model: Optional[str] = None  # HF model directory, or a Megatron checkpoint written by spin-mega
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -201,6 +230,7 @@ class SpinConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     iterations: IterationConfig = field(default_factory=IterationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -411,6 +441,8 @@ NUMERIC_RANGES: dict[str, Range] = {
     "data.max_samples": AT_LEAST_1,
     "data.shuffle_seed": NON_NEGATIVE,  # numpy's generators refuse negative seeds
     "loss.beta": POSITIVE,
+    "loss.label_smoothing": Range(0, 0.5, high_open=True),  # the fraction of pairs assumed mislabelled
+    "loss.sft_weight": NON_NEGATIVE,
     "optim.lr": POSITIVE,
     "optim.min_lr": NON_NEGATIVE,
     "optim.weight_decay": NON_NEGATIVE,
@@ -482,6 +514,7 @@ def validate(cfg: SpinConfig) -> None:
             f"optim.min_lr ({o.min_lr:g}) is above optim.lr ({o.lr:g}), so the schedule would decay upwards; "
             "lower optim.min_lr or raise optim.lr"
         )
+    _validate_loss(cfg.loss)
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
     m = cfg.model
@@ -499,6 +532,18 @@ def validate_run(cfg: SpinConfig) -> None:
                 f"iterations.lr[{i}] ({lr:g}) is below optim.min_lr ({cfg.optim.min_lr:g}), so that iteration's "
                 "schedule would decay upwards; lower optim.min_lr or raise iterations.lr"
             )
+
+
+def _validate_loss(loss: LossConfig) -> None:
+    if loss.label_smoothing and loss.loss_type in ("hinge", "ipo"):
+        raise ConfigError(
+            f"loss.label_smoothing applies to the logistic and robust losses only; the {loss.loss_type} loss has "
+            "no smoothed form, so set loss.label_smoothing to 0"
+        )
+    if loss.loss_type == "robust" and not loss.label_smoothing:
+        raise ConfigError(
+            "loss.loss_type robust needs loss.label_smoothing in (0, 0.5); with 0 it is the logistic loss, so use logistic"
+        )
 
 
 def per_iteration(values: list, iteration: int):

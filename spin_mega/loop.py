@@ -194,6 +194,8 @@ class SpinLoop:
         atomic_write_text(it_dir / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     def _train(self, t: int, it_dir: Path) -> None:
+        from spin_mega.training.trackers import iteration_overrides
+
         args = [
             "train", str(self.config_path), "--workdir", str(it_dir / "train"),
             "--set", f"start_model={self.mcore_model(t)}",
@@ -201,6 +203,7 @@ class SpinLoop:
             "--set", "data.schema=pairs",
             "--set", f"optim.lr={per_iteration(self.cfg.iterations.lr, t)}",
             "--set", f"loss.beta={per_iteration(self.cfg.iterations.beta, t)}",
+            *iteration_overrides(self.cfg.logging, self.workdir, t),
         ]
         from spin_mega.training.trainer import PREEMPTED_MARKER
 

@@ -619,13 +619,44 @@ def _unfinished_note(run: RunData) -> Optional[str]:
     return "Unfinished: " + "; ".join(parts) + ". Their numbers above are the latest logged, not final."
 
 
+def _run_config(run: RunData):
+    """The loop's resolved config (WORKDIR/config.yaml), or None where there is none to read."""
+    from spin_mega.config import load_config
+
+    with contextlib.suppress(SpinMegaError):
+        return load_config(run.workdir / "config.yaml") if (run.workdir / "config.yaml").is_file() else None
+    return None
+
+
 def _first_step_note(run: RunData) -> Optional[str]:
-    # At step 1 the policy equals the opponent, so the logistic loss is exactly ln 2: a cheap sanity check.
-    firsts = [(it.t, _number(it.metrics[0].get("loss"))) for it in run.iterations if it.metrics and int(it.metrics[0]["step"]) == 1]
+    # At step 1 the policy equals the opponent, so the loss has a closed form: a cheap sanity check.
+    firsts = [(it.t, it.metrics[0]) for it in run.iterations if it.metrics and int(it.metrics[0]["step"]) == 1]
     if not firsts:
         return None
-    values = ", ".join(f"iteration {t}: {_fmt(loss, 6)}" for t, loss in firsts)
-    return f"First-step loss (ln 2 = {LN2:.6f} expected with the logistic loss): {values}."
+    cfg = _run_config(run)
+    if cfg is None:
+        values = ", ".join(f"iteration {t}: {_fmt(_number(row.get('loss')), 6)}" for t, row in firsts)
+        return f"First-step loss (ln 2 = {LN2:.6f} expected with the logistic loss): {values}."
+    import dataclasses
+
+    from spin_mega.config import per_iteration
+    from spin_mega.training.loss import first_step_loss
+
+    def expected(t: int, row: dict) -> float:
+        loss = dataclasses.replace(cfg.loss, beta=per_iteration(cfg.iterations.beta, t))
+        return first_step_loss(loss, _number(row.get("sft_nll")) or 0.0)
+
+    values = ", ".join(f"iteration {t}: {_fmt(_number(row.get('loss')), 6)} (expected {expected(t, row):.6f})" for t, row in firsts)
+    return f"First-step loss against its closed form for this loss (policy = opponent): {values}."
+
+
+def _loss_note(run: RunData) -> Optional[str]:
+    cfg = _run_config(run)
+    if cfg is None:
+        return None
+    from spin_mega.training.loss import describe
+
+    return f"Loss: {describe(cfg.loss)}; β per iteration {', '.join(f'{b:g}' for b in cfg.iterations.beta)} (the last repeats)."
 
 
 def render_markdown(run: RunData, plots: dict[str, bool]) -> str:
@@ -653,7 +684,7 @@ def render_markdown(run: RunData, plots: dict[str, bool]) -> str:
             else ", from generations.jsonl's meta.num_tokens and meta.chosen_num_tokens."
         ),
     ]
-    for note in (_unfinished_note(run), _first_step_note(run)):
+    for note in (_unfinished_note(run), _loss_note(run), _first_step_note(run)):
         if note:
             lines += ["", note]
     comparison = _comparison_lines(run)

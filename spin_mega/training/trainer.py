@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spin_mega.config import SpinConfig, config_to_dict
 from spin_mega.errors import SpinMegaError, TrainingUnhealthy
-from spin_mega.io import atomic_write_json, atomic_write_text, read_jsonl
+from spin_mega.io import atomic_write_json
 from spin_mega.models import checkpoint as model_ckpt
 from spin_mega.models.chunks import build_model_chunks
 from spin_mega.models.gpt import padded_vocab_size, transformer_config
@@ -31,6 +31,7 @@ from spin_mega.models.hf_config import resolve_model_config
 from spin_mega.parallel import distributed
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
+from spin_mega.training import metrics
 from spin_mega.training import pipeline
 from spin_mega.training.environment import resolve_dtype, summary, training_choices
 from spin_mega.training.forward import STAT_NAMES, PolicyOpponent, make_forward_step, make_logprob_step
@@ -224,6 +225,7 @@ class Trainer:
             )
         self.padded_vocab = padded_vocab_size(self.model_cfg.vocab_size, p.tensor_parallel)
         self.tokenizer = _load_tokenizer(self.start.tokenizer_dir)
+        metrics.check_trackers(cfg, _is_metrics_writer(), _device())
         self._setup_data()
         self._setup_models()
         _log(f"using {summary(training_choices(cfg))}")
@@ -396,14 +398,6 @@ class Trainer:
             self.start.mcore_dir,
         )
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drops metrics logged after the checkpoint being resumed, so the file reads as one clean run."""
-        path = self.workdir / "metrics.jsonl"
-        if not (_is_metrics_writer() and path.is_file()):
-            return
-        keep = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
-        atomic_write_text(path, "".join(health.finite_json_line(row) + "\n" for row in keep))
-
     def _stop_unhealthy(self, step: int, cause: str) -> int:
         """Leaves the checkpoints and `latest` as they are; the state that failed is never saved."""
         last_good = train_ckpt.latest_checkpoint(self.workdir) or self.start.mcore_dir or "none (the random initialisation)"
@@ -425,7 +419,8 @@ class Trainer:
             latest, state = resumed
             start_step = int(state["step"])
             _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
-        self._truncate_metrics(start_step)
+        if _is_metrics_writer():
+            metrics.truncate_after(self.workdir / metrics.METRICS_FILE, start_step)
         if dist.get_rank() == 0:
             (self.workdir / PREEMPTED_MARKER).unlink(missing_ok=True)
         if start_step >= self.total_steps:
@@ -437,17 +432,18 @@ class Trainer:
         stop.install()
         telemetry = GpuTelemetry()
         forward_backward = get_forward_backward_func()
-        forward_step = make_forward_step(cfg.loss.beta, cfg.loss.loss_type, self.fused)
+        forward_step = make_forward_step(cfg.loss, self.fused)
         writer = _is_metrics_writer()
         progress = None
         if writer:
             from tqdm import tqdm
 
             progress = tqdm(total=self.total_steps, initial=start_step, desc="SPIN training", unit="step", file=sys.stderr)
-        metrics_path = self.workdir / "metrics.jsonl"
+        metrics_path = self.workdir / metrics.METRICS_FILE
         peak = peak_flops(cfg.train.peak_tflops)
         guard = health.HealthGuard(cfg.train.collapse_bound, cfg.train.on_collapse == "stop", cfg.loss.beta, _log)
         guard.replay(metrics_path)
+        metrics_log = metrics.open_metrics(cfg, self.workdir, start_step, writer, _device())
         try:
             for step in range(start_step, self.total_steps):
                 t0 = time.perf_counter()
@@ -494,8 +490,7 @@ class Trainer:
                         row["mfu_peak"] = peak.label
                     row.update(telemetry.sample())
                     row.update(checked.metrics())
-                    with open(metrics_path, "a") as handle:
-                        handle.write(health.finite_json_line(row) + "\n")
+                    metrics_log.write(row)
                     progress.update(1)
                     progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
                 if checked.stop_cause is not None:
@@ -522,6 +517,8 @@ class Trainer:
             stop.restore()
             if progress is not None:
                 progress.close()
+            if metrics_log is not None:
+                metrics_log.close()
 
 
 def train(cfg: SpinConfig, workdir: str | Path, max_steps: Optional[int] = None) -> int:

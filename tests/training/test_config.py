@@ -65,6 +65,33 @@ def test_paper_preset_is_the_authors_setting():
     assert (alt.generation.temperature, alt.generation.top_p) == (1.0, 1.0)
 
 
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["loss.loss_type=ipo", "loss.label_smoothing=0.1"], "the ipo loss has no smoothed form"),
+        (["loss.loss_type=hinge", "loss.label_smoothing=0.1"], "the hinge loss has no smoothed form"),
+        (["loss.loss_type=robust"], "with 0 it is the logistic loss"),
+        (["loss.label_smoothing=0.5"], r"loss\.label_smoothing is 0\.5 but must be in \[0, 0\.5\)"),
+        (["loss.label_smoothing=-0.1"], r"loss\.label_smoothing is -0\.1 but must be in \[0, 0\.5\)"),
+        (["loss.sft_weight=-1"], r"loss\.sft_weight is -1\.0 but must be 0 or more"),
+    ],
+)
+def test_loss_combinations_that_make_no_sense_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(REPO / "configs" / "tiny-cpu.yaml", overrides)
+
+
+def test_loss_combinations_that_exist_load():
+    for overrides in (
+        ["loss.loss_type=logistic", "loss.label_smoothing=0.1"],
+        ["loss.loss_type=robust", "loss.label_smoothing=0.2", "loss.sft_weight=0.5"],
+        ["loss.loss_type=ipo", "loss.sft_weight=1.0"],
+        ["loss.loss_type=hinge", "loss.sft_weight=0.1"],
+    ):
+        cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", overrides)
+        assert cfg.loss.loss_type == overrides[0].split("=")[1]
+
+
 # ---- numeric ranges: every key refused out of range at load, in one sentence naming it ------------------
 
 def _numeric_keys() -> dict[str, tuple[type, bool]]:
