@@ -238,7 +238,7 @@ class SpinLoop:
 
     def _iteration_summary(self, t: int) -> dict:
         it_dir = iteration_dir(self.workdir, t)
-        metrics = [json.loads(l) for l in (it_dir / TRAIN_DIR / METRICS).read_text().splitlines() if l.strip()]
+        metrics = read_jsonl(it_dir / TRAIN_DIR / METRICS)
         train_summary = it_dir / TRAIN_DIR / TRAIN_SUMMARY
         gens = read_jsonl(it_dir / GENERATIONS)
         last = metrics[-1] if metrics else {}
@@ -332,11 +332,14 @@ class SpinLoop:
 
 def load_run_config(config_path: Optional[str], overrides: list[str], workdir: Path) -> SpinConfig:
     """The config of a run: CONFIG + overrides, or for a resumed run without CONFIG the one saved in WORKDIR."""
-    from spin_mega.config import load_config
+    from spin_mega.config import load_config, validate_run
 
     if config_path is None:
         saved = workdir / CONFIG
         if not saved.is_file():
             raise SpinMegaError(f"no config given and {saved} does not exist")
-        return config_from_dict(yaml.safe_load(saved.read_text()), overrides)
-    return load_config(config_path, overrides)
+        cfg = config_from_dict(yaml.safe_load(saved.read_text()), overrides)
+    else:
+        cfg = load_config(config_path, overrides)
+    validate_run(cfg)
+    return cfg

@@ -8,9 +8,10 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from spin_mega.errors import SpinMegaError
+from spin_mega.io import read_jsonl
 from spin_mega.rundir import (
     BASELINE_EVAL, EVAL, GENERATIONS, ITERATION_DIR, METRICS, SUMMARY, TRAIN_DIR, TRAIN_SUMMARY, UNHEALTHY_MARKER,
     iteration_dir, read_stop,
@@ -85,27 +86,11 @@ def as_number(value) -> Optional[float]:
     return float(value)
 
 
-def _jsonl_rows(path: Path) -> Iterator[dict]:
-    """Rows of a JSONL file being appended to by another process: a torn or garbled line is skipped
-    rather than failing the whole report."""
-    with open(path, errors="replace") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                yield row
-
-
 def _read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     by_step: dict[int, dict] = {}
-    for row in _jsonl_rows(path):
+    for row in read_jsonl(path):
         step = as_number(row.get("step"))
         if step is not None:
             by_step[int(step)] = row  # a resumed run may repeat a step; the later line is the kept one
@@ -121,7 +106,7 @@ def _read_lengths(path: Path) -> Optional[Lengths]:
     if not path.is_file():
         return None
     lengths = Lengths()
-    for row in _jsonl_rows(path):
+    for row in read_jsonl(path):
         chosen, rejected = row.get("chosen"), row.get("rejected")
         if not isinstance(chosen, str) or not isinstance(rejected, str):
             continue

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from spin_mega.errors import TrainingUnhealthy
-from spin_mega.io import atomic_write_json
+from spin_mega.io import atomic_write_json, read_jsonl
 from spin_mega.rundir import UNHEALTHY_MARKER, read_stop
 
 # The order of the agreed vector; the non-finite flags are counts of ranks that saw them.
@@ -155,11 +155,7 @@ class HealthGuard:
         about once per run and the summary covers every step."""
         if not Path(metrics_path).is_file():
             return
-        for line in Path(metrics_path).read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for row in read_jsonl(metrics_path):
             chosen = row.get("logp_chosen_per_token_change")
             if not isinstance(chosen, (int, float)):
                 continue

@@ -6,12 +6,12 @@ pipeline stage, tensor- and data-parallel rank 0) writes; the functions marked c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
 from spin_mega.config import SpinConfig
 from spin_mega.errors import ConfigError
+from spin_mega.io import atomic_write_text, read_jsonl
 from spin_mega.rundir import METRICS
 from spin_mega.training import trackers
 from spin_mega.training.health import finite_json_line
@@ -20,15 +20,8 @@ def truncate_after(path: Path, step: int) -> None:
     """Drops metrics logged after the checkpoint being resumed, so the file reads as one clean run."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by the interruption
-        if row.get("step", 0) <= step:
-            keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
+    atomic_write_text(path, "".join(finite_json_line(row) + "\n" for row in keep))
 
 
 class MetricsWriter:

@@ -71,15 +71,20 @@ def _start_checkpoint_helpers_deaf_to_preemption() -> None:
     """Starts dist_checkpointing's helper processes (its spawn-context manager and multiprocessing's resource
     tracker) with SIGUSR1 and SIGTERM blocked, which they inherit.
 
-    Slurm signals every process of a job step, not only the trainer: helpers that died on SIGUSR1 would break
-    the very checkpoint the signal asks for. The trainer itself handles the signals at a step boundary."""
+    Slurm signals every process of a job step, not only the trainer: helpers that died on SIGUSR1 or SIGTERM
+    would break the very checkpoint the signal asks for. The trainer itself handles the signals at a step
+    boundary."""
     import multiprocessing.resource_tracker as resource_tracker
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    preemption = {signal.SIGUSR1, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, preemption)
     try:
         resource_tracker.ensure_running()
+        # ensure_running unblocks SIGINT and SIGTERM once its own process is started, whatever the mask was
+        # before (CPython bpo-33613): block them again, or the manager below would die of a group SIGTERM.
+        signal.pthread_sigmask(signal.SIG_BLOCK, preemption)
         filesystem_async._get_write_results_queue()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -407,9 +412,9 @@ class Trainer:
         cfg = self.cfg
         opponent_table = None if self.fused else self._precompute_opponent()
         start_step = 0
-        latest = train_ckpt.latest_checkpoint(self.workdir)
-        if latest is not None:
-            state = train_ckpt.load(latest, self.policies, self.optimizer, self.scheduler, config_to_dict(cfg)["parallel"])
+        resumed = train_ckpt.resume(self.workdir, self.policies, self.optimizer, self.scheduler, config_to_dict(cfg)["parallel"], _log)
+        if resumed is not None:
+            latest, state = resumed
             start_step = int(state["step"])
             _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
         if _is_metrics_writer():
