@@ -192,7 +192,7 @@ class EvalConfig:
     max_samples: int = 64
     max_new_tokens: int = 32
     lm_eval_tasks: list[str] = field(default_factory=list)
-    # lm-evaluation-harness (spin_mega/leaderboard.py): entries TASK or TASK:SHOTS, or the preset
+    # lm-evaluation-harness (spin_mega/evaluation/leaderboard.py): entries TASK or TASK:SHOTS, or the preset
     # open_llm_leaderboard_v1; a folder of extra task YAMLs; requests per batch; examples per task (None: all).
     lm_eval_include_path: Optional[str] = None
     lm_eval_batch_size: int = 8

@@ -38,6 +38,7 @@ from megatron.core import dist_checkpointing
 from spin_mega.errors import SpinMegaError, error_numbers, one_line_cause
 from spin_mega.io import atomic_write_json, atomic_write_text
 from spin_mega.models import checkpoint as model_ckpt
+from spin_mega.rundir import CHECKPOINTS_DIR, LATEST_POINTER
 
 KEEP_LAST = 2
 # The distributed optimizer's one format that keeps the inner optimizer's own state names (RMSProp's
@@ -56,7 +57,7 @@ FULL_DISK_SLACK = 16 << 20
 
 
 def checkpoint_root(workdir: str | Path) -> Path:
-    return Path(workdir) / "checkpoints"
+    return Path(workdir) / CHECKPOINTS_DIR
 
 
 def _step_of(path: Path) -> Optional[int]:
@@ -74,7 +75,7 @@ def complete_checkpoints(workdir: str | Path) -> list[Path]:
 
 def latest_checkpoint(workdir: str | Path) -> Optional[Path]:
     root = checkpoint_root(workdir)
-    pointer = root / "latest"
+    pointer = root / LATEST_POINTER
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
@@ -167,7 +168,7 @@ def save(
                 shutil.rmtree(final)
             os.replace(tmp, final)
             renamed = True
-            atomic_write_text(root / "latest", name + "\n")
+            atomic_write_text(root / LATEST_POINTER, name + "\n")
         except OSError as exc:
             failure = exc
             if renamed:  # `latest` still names the previous checkpoint: take back the new one
@@ -227,7 +228,7 @@ def _save_failed(root: Path, name: str, tmp: Path, failure: Optional[BaseExcepti
     if dist.get_rank() == 0:
         full = errno_full or shutil.disk_usage(root).free < FULL_DISK_SLACK
         shutil.rmtree(tmp, ignore_errors=True)
-        pointer = root / "latest"
+        pointer = root / LATEST_POINTER
         kept = f"{pointer.read_text().strip()} is kept" if pointer.is_file() else "no earlier checkpoint exists"
         if full:
             message = (
@@ -373,7 +374,7 @@ def resume(
     missing) is renamed `<name>.corrupt-<time>`, never deleted, `latest` is pointed at the next older
     complete checkpoint, and that one is tried; with none left, training starts from the beginning."""
     root = checkpoint_root(workdir)
-    pointer = root / "latest"
+    pointer = root / LATEST_POINTER
     candidate = root / pointer.read_text().strip() if pointer.is_file() else None
     if candidate is not None and _step_of(candidate) is None:
         complete = complete_checkpoints(workdir)

@@ -29,6 +29,7 @@ from spin_mega.models.chunks import build_model_chunks
 from spin_mega.models.gpt import padded_vocab_size, transformer_config
 from spin_mega.models.hf_config import resolve_model_config
 from spin_mega.parallel import distributed
+from spin_mega.rundir import EXIT_PREEMPTED, EXIT_UNHEALTHY, METRICS, PREEMPTED_MARKER, START_MCORE, TRAIN_SUMMARY
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
 from spin_mega.training import metrics
@@ -39,9 +40,6 @@ from spin_mega.training.logprobs import resolve_impl
 from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
 from spin_mega.training.telemetry import GpuTelemetry, mfu, peak_flops
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after a signal; run the same command to resume
-# Also left in the work directory on that exit: torchrun reports a worker's 75 as its own exit 1.
-PREEMPTED_MARKER = "preempted.json"
 OPPONENT_FILE = "opponent_logps.json"
 
 
@@ -129,7 +127,7 @@ def _prepare_start(cfg: SpinConfig, workdir: Path) -> _Start:
         tok = start_path / model_ckpt.TOKENIZER_SUBDIR
         return _Start(start_path, tokenizer or (tok if tok.is_dir() else None))
     if (start_path / "config.json").is_file():
-        imported = workdir / "start_mcore"
+        imported = workdir / START_MCORE
         if not model_ckpt.is_model_checkpoint(imported):
             if dist.get_rank() == 0:
                 _log(f"importing the HF model {start_path} into {imported}")
@@ -406,7 +404,7 @@ class Trainer:
         dist.barrier()
         if dist.get_rank() == 0:
             raise TrainingUnhealthy(health.stop_message(record))
-        return health.EXIT_UNHEALTHY
+        return EXIT_UNHEALTHY
 
     def run(self) -> int:
         health.refuse_to_resume(self.workdir)
@@ -420,7 +418,7 @@ class Trainer:
             start_step = int(state["step"])
             _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
         if _is_metrics_writer():
-            metrics.truncate_after(self.workdir / metrics.METRICS_FILE, start_step)
+            metrics.truncate_after(self.workdir / METRICS, start_step)
         if dist.get_rank() == 0:
             (self.workdir / PREEMPTED_MARKER).unlink(missing_ok=True)
         if start_step >= self.total_steps:
@@ -439,7 +437,7 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=self.total_steps, initial=start_step, desc="SPIN training", unit="step", file=sys.stderr)
-        metrics_path = self.workdir / metrics.METRICS_FILE
+        metrics_path = self.workdir / METRICS
         peak = peak_flops(cfg.train.peak_tflops)
         guard = health.HealthGuard(cfg.train.collapse_bound, cfg.train.on_collapse == "stop", cfg.loss.beta, _log)
         guard.replay(metrics_path)
@@ -508,7 +506,7 @@ class Trainer:
                 self._save(self.total_steps)
             if dist.get_rank() == 0:
                 atomic_write_json(
-                    self.workdir / "train_summary.json",
+                    self.workdir / TRAIN_SUMMARY,
                     {"steps": self.total_steps, "data": self.data_stats.as_dict(), "checkpoint": str(train_ckpt.latest_checkpoint(self.workdir)),
                      "health": guard.summary()},
                 )

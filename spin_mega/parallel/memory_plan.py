@@ -14,7 +14,7 @@ tests compare it with the bytes of the live Megatron model, DDP buffers and opti
   both moments), divided by DP when the distributed optimizer shards them (parallel.distributed_optimizer,
   the default, for either optimizer: training/optim.py);
 * activations kept for backward, per token per layer: the storages Megatron's local layer (the layer used
-  without Transformer Engine) saves, as read from a live layer on CPU (tests/training/test_memory_plan.py):
+  without Transformer Engine) saves, as read from a live layer on CPU (tests/parallel/test_memory_plan.py):
   each RMSNorm's input and normalised output (4 h, in fp32: torch's RMSNorm upcasts bf16 input) and
   each linear block's input (2 h), split over TP by sequence parallelism; the fused QKV output (kept alive by the V view), q and k after RoPE and the attention output
   ((3 q + 3 kv) head_dim / TP); the SwiGLU MLP's fc1 output and three ffn-sized intermediates (5 ffn / TP);
