@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
             "per-GPU bytes of weights, fp32 gradient buffer, fp32 main weights, optimizer state, activations "
             "with and without recomputation, the fused opponent and the log-prob head, on the fullest pipeline "
             "stage; then the fitting layout with the lowest estimated step time and the launch/train.sbatch "
-            "line for it. The arithmetic is in spin_mega/models/memory_plan.py."
+            "line for it. The arithmetic is in spin_mega/parallel/memory_plan.py."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -52,7 +52,7 @@ def _gib(n: float) -> str:
 
 def run(args) -> int:
     from spin_mega.models.hf_config import model_config_from_hf, read_hf_config
-    from spin_mega.models.memory_plan import GIB, PlanRequest, active_params, plan, total_params
+    from spin_mega.parallel.memory_plan import GIB, PlanRequest, active_params, plan, total_params
 
     model = model_config_from_hf(read_hf_config(args.model))
     req = PlanRequest(

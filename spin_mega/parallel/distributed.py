@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +14,7 @@ import torch.distributed as dist
 
 from spin_mega.errors import SpinMegaError
 from spin_mega.parallel import cpu_shim
+from spin_mega.parallel.rendezvous import first_slurm_host, free_port, rendezvous_port
 
 
 @dataclass(frozen=True)
@@ -26,25 +25,6 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     source: str  # "torchrun", "slurm" or "single"
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """The first host of a Slurm node list such as `gpu[03-05,07],login1` without calling scontrol (which
-    is not on every compute image)."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise SpinMegaError(f"cannot read the Slurm node list {nodelist!r}")
-    prefix, _, ranges = match.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{first}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def detect_launch_env() -> LaunchEnv:
@@ -66,9 +46,9 @@ def detect_launch_env() -> LaunchEnv:
         master_addr = env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else None)
         if not master_addr:
             raise SpinMegaError("under Slurm, set MASTER_ADDR or SLURM_JOB_NODELIST so ranks can find rank 0")
-        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
-        # A port derived from the job id lets jobs sharing a node not collide, with no coordination.
-        master_port = int(env.get("MASTER_PORT", 20000 + job_id % 20000))
+        # Started by srun without launch/train.sbatch (or in its container): the port every rank derives
+        # alike, as the batch script would have.
+        master_port = int(env.get("MASTER_PORT") or rendezvous_port(env, 0))
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),

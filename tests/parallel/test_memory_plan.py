@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from spin_mega.config import ModelConfig
-from spin_mega.models import memory_plan as mp
-from spin_mega.parallel.distributed import free_port
+from spin_mega.parallel import memory_plan as mp
+from spin_mega.parallel.rendezvous import free_port
 from tests.support import REPO, TINY_MODEL, build_tokenizer, spin_mega, write_pairs
 
 GIB = 2**30

@@ -15,7 +15,7 @@ tests compare it with the bytes of the live Megatron model, DDP buffers and opti
   both moments), divided by DP when the distributed optimizer shards them (parallel.distributed_optimizer,
   the default, for either optimizer: training/optim.py);
 * activations kept for backward, per token per layer: the storages Megatron's local layer (the layer used
-  without Transformer Engine) saves, as read from a live layer on CPU (tests/training/test_memory_plan.py):
+  without Transformer Engine) saves, as read from a live layer on CPU (tests/parallel/test_memory_plan.py):
   each RMSNorm's input and normalised output (4 h, in fp32: torch's RMSNorm upcasts bf16 input) and
   each linear block's input (2 h), split over TP by sequence parallelism; the fused QKV output (kept alive by the V view), q and k after RoPE and the attention output
   ((3 q + 3 kv) head_dim / TP); the SwiGLU MLP's fc1 output and three ffn-sized intermediates (5 ffn / TP);
@@ -33,7 +33,7 @@ Mixture-of-experts models (Qwen3-MoE, Mixtral; spin_mega/models/moe.py) differ i
 * parameters: each layer's router (experts x h, replicated over TP) and experts / EP of the experts, each split
   over expert TP (1 unless asked); the expert weights' fp32 main copies and optimizer state are sharded over the
   expert data-parallel ranks (world / (ETP x EP x PP)) by the distributed optimizer, the rest over DP;
-* activations per token and layer, as read from the live local MoE layer on CPU (tests/training/
+* activations per token and layer, as read from the live local MoE layer on CPU (tests/parallel/
   test_memory_plan.py): the top-k copies of the token dispatched to experts (k h), each expert's SwiGLU
   intermediates (fc1's 2 f, three f-sized tensors, and the routing-weighted one: 6 f / ETP per copy, f the
   expert width), the routing weights (4 bytes per copy) and the router's own tensors (indices, scores and the
