@@ -133,7 +133,7 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         attention_softmax_in_fp32=True,
         cross_entropy_loss_fusion=False,
-        **moe.transformer_kwargs(model, expert_parallel, expert_tensor_parallel, dtype),
+        **moe.transformer_kwargs(model, expert_parallel, expert_tensor_parallel, dtype, have_transformer_engine()),
     )
     if recompute == "full":
         # Every layer keeps only its input and is re-run in the backward pass.

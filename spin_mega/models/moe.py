@@ -35,15 +35,14 @@ _PRE_MLP_NORM_KEY = "pre_mlp_layernorm."
 IGNORE_INDEX = -100  # the labels' "no label" value (spin_mega.data.batching)
 
 
-def have_grouped_gemm() -> bool:
-    """A grouped GEMM for the experts is available: Transformer Engine's or the `grouped_gemm` package's, on CUDA."""
+def have_grouped_gemm(transformer_engine: bool) -> bool:
+    """A grouped GEMM for the experts is available: Transformer Engine's (`transformer_engine`: TE importable with
+    CUDA, models/gpt.py's have_transformer_engine) or the `grouped_gemm` package's, on CUDA."""
     if not torch.cuda.is_available():
         return False
     from megatron.core.transformer.moe import grouped_gemm_util
 
-    from spin_mega.models.gpt import have_transformer_engine
-
-    return have_transformer_engine() or grouped_gemm_util.grouped_gemm_is_available()
+    return transformer_engine or grouped_gemm_util.grouped_gemm_is_available()
 
 
 def token_dispatcher() -> str:
@@ -74,7 +73,11 @@ def allow_router_without_transformer_engine() -> None:
 
 
 def transformer_kwargs(
-    model: ModelConfig, expert_parallel: int = 1, expert_tensor_parallel: int = 1, dtype: torch.dtype = torch.float32
+    model: ModelConfig,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int = 1,
+    dtype: torch.dtype = torch.float32,
+    transformer_engine: bool = False,
 ) -> dict:
     """The TransformerConfig fields of an MoE model (none for a dense one)."""
     if not model.is_moe:
@@ -89,7 +92,7 @@ def transformer_kwargs(
         moe_aux_loss_coeff=model.moe_aux_loss_coeff,
         moe_router_dtype="fp32" if dtype != torch.float32 else None,
         moe_token_dispatcher_type=token_dispatcher(),
-        moe_grouped_gemm=have_grouped_gemm(),
+        moe_grouped_gemm=have_grouped_gemm(transformer_engine),
         expert_model_parallel_size=expert_parallel,
         expert_tensor_parallel_size=expert_tensor_parallel,
     )

@@ -136,6 +136,7 @@ def _moe_choices(cfg: SpinConfig) -> list[Choice]:
     """For a mixture-of-experts model (read from the start model when there is one): dispatcher and expert GEMMs."""
     from spin_mega.errors import SpinMegaError
     from spin_mega.models import moe
+    from spin_mega.models.gpt import have_transformer_engine
     from spin_mega.training.pipeline import start_model_shape
 
     try:
@@ -146,7 +147,7 @@ def _moe_choices(cfg: SpinConfig) -> list[Choice]:
         return []
     p = cfg.parallel
     dispatcher = moe.token_dispatcher()
-    grouped = moe.have_grouped_gemm()
+    grouped = moe.have_grouped_gemm(have_transformer_engine())
     return [
         Choice(
             "experts",
