@@ -26,10 +26,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from spin_mega.errors import TrainingUnhealthy
-from spin_mega.io import atomic_write_json
-
-UNHEALTHY_MARKER = "unhealthy.json"
-EXIT_UNHEALTHY = TrainingUnhealthy.exit_code
+from spin_mega.io import atomic_write_json, read_jsonl
+from spin_mega.rundir import UNHEALTHY_MARKER, read_stop
 
 # The order of the agreed vector; the non-finite flags are counts of ranks that saw them.
 _LOSS_BAD, _LOGPS_BAD, _GRAD_BAD, _CHOSEN_DELTA, _CHOSEN_TOKENS, _REJECTED_DELTA, _REJECTED_TOKENS = range(7)
@@ -157,11 +155,7 @@ class HealthGuard:
         about once per run and the summary covers every step."""
         if not Path(metrics_path).is_file():
             return
-        for line in Path(metrics_path).read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for row in read_jsonl(metrics_path):
             chosen = row.get("logp_chosen_per_token_change")
             if not isinstance(chosen, (int, float)):
                 continue
@@ -218,23 +212,6 @@ def record_stop(workdir: Path, step: int, cause: str, last_good: str, lr: float,
         "time": time.time(),
     }
     atomic_write_json(Path(workdir) / UNHEALTHY_MARKER, record)
-    return record
-
-
-def read_stop(workdir: Path) -> Optional[dict]:
-    path = Path(workdir) / UNHEALTHY_MARKER
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        record = {}
-    if not isinstance(record, dict):
-        record = {}
-    record.setdefault("step", "?")
-    record.setdefault("cause", "an unhealthy value")
-    record.setdefault("last_good", "unknown")
-    record.setdefault("advice", "lower optim.lr in a new --workdir")
     return record
 
 

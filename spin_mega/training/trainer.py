@@ -25,23 +25,22 @@ from spin_mega.config import SpinConfig, config_to_dict
 from spin_mega.errors import SpinMegaError, TrainingUnhealthy
 from spin_mega.io import atomic_write_json
 from spin_mega.models import checkpoint as model_ckpt
+from spin_mega.models import moe
 from spin_mega.models.chunks import build_model_chunks
 from spin_mega.models.gpt import padded_vocab_size, transformer_config
 from spin_mega.models.hf_config import resolve_model_config
 from spin_mega.parallel import distributed
+from spin_mega.rundir import EXIT_PREEMPTED, EXIT_UNHEALTHY, METRICS, OPPONENT_LOGPS, PREEMPTED_MARKER, START_MCORE, TRAIN_SUMMARY
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
+from spin_mega.training import metrics
 from spin_mega.training import pipeline
+from spin_mega.training.aux_loss import step_aux_loss
 from spin_mega.training.environment import resolve_dtype, summary, training_choices
 from spin_mega.training.forward import STAT_NAMES, PolicyOpponent, make_forward_step, make_logprob_step
 from spin_mega.training.logprobs import resolve_impl
 from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
 from spin_mega.training.telemetry import GpuTelemetry, mfu, peak_flops
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after a signal; run the same command to resume
-# Also left in the work directory on that exit: torchrun reports a worker's 75 as its own exit 1.
-PREEMPTED_MARKER = "preempted.json"
-OPPONENT_FILE = "opponent_logps.json"
 
 
 class _StopFlag:
@@ -72,15 +71,20 @@ def _start_checkpoint_helpers_deaf_to_preemption() -> None:
     """Starts dist_checkpointing's helper processes (its spawn-context manager and multiprocessing's resource
     tracker) with SIGUSR1 and SIGTERM blocked, which they inherit.
 
-    Slurm signals every process of a job step, not only the trainer: helpers that died on SIGUSR1 would break
-    the very checkpoint the signal asks for. The trainer itself handles the signals at a step boundary."""
+    Slurm signals every process of a job step, not only the trainer: helpers that died on SIGUSR1 or SIGTERM
+    would break the very checkpoint the signal asks for. The trainer itself handles the signals at a step
+    boundary."""
     import multiprocessing.resource_tracker as resource_tracker
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    preemption = {signal.SIGUSR1, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, preemption)
     try:
         resource_tracker.ensure_running()
+        # ensure_running unblocks SIGINT and SIGTERM once its own process is started, whatever the mask was
+        # before (CPython bpo-33613): block them again, or the manager below would die of a group SIGTERM.
+        signal.pthread_sigmask(signal.SIG_BLOCK, preemption)
         filesystem_async._get_write_results_queue()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -123,7 +127,7 @@ def _prepare_start(cfg: SpinConfig, workdir: Path) -> _Start:
         tok = start_path / model_ckpt.TOKENIZER_SUBDIR
         return _Start(start_path, tokenizer or (tok if tok.is_dir() else None))
     if (start_path / "config.json").is_file():
-        imported = workdir / "start_mcore"
+        imported = workdir / START_MCORE
         if not model_ckpt.is_model_checkpoint(imported):
             if dist.get_rank() == 0:
                 _log(f"importing the HF model {start_path} into {imported}")
@@ -200,7 +204,8 @@ class Trainer:
         # Before any process group: a layout the model cannot be split into fails in a second.
         self.layout = pipeline.check_layout(cfg)
         self.launch = distributed.initialize(
-            p.tensor_parallel, p.pipeline_parallel, seed=cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel
+            p.tensor_parallel, p.pipeline_parallel, seed=cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel,
+            expert_parallel=p.expert_parallel, expert_tensor_parallel=p.expert_tensor_parallel,
         )
         if dist.get_rank() == 0:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +223,11 @@ class Trainer:
                 "training attends over the full context, so keep sequences within the window"
             )
         self.padded_vocab = padded_vocab_size(self.model_cfg.vocab_size, p.tensor_parallel)
+        self.equal_lengths = moe.needs_equal_token_counts(
+            self.model_cfg, p.expert_parallel, p.expert_tensor_parallel, p.tensor_parallel
+        )
         self.tokenizer = _load_tokenizer(self.start.tokenizer_dir)
+        metrics.check_trackers(cfg, _is_metrics_writer(), _device())
         self._setup_data()
         self._setup_models()
         _log(f"using {summary(training_choices(cfg))}")
@@ -264,6 +273,8 @@ class Trainer:
             virtual_pipeline=p.virtual_pipeline_parallel,
             first_stage_layers=p.first_stage_layers,
             last_stage_layers=p.last_stage_layers,
+            expert_parallel=p.expert_parallel,
+            expert_tensor_parallel=p.expert_tensor_parallel,
         )
         # Variable-length micro-batches (length bucketing) need shapes exchanged between stages.
         tconfig.variable_seq_lengths = True
@@ -324,7 +335,7 @@ class Trainer:
     def _precompute_opponent(self) -> dict:
         """Per-sequence log-probs of theta_t on every pair, computed once before the first update and kept
         in the work directory (`opponent_logps.json`, with the prompt ids) so a resume reuses them."""
-        path = self.workdir / OPPONENT_FILE
+        path = self.workdir / OPPONENT_LOGPS
         n = len(self.dataset)
         if path.is_file():
             table = json.loads(path.read_text())
@@ -337,17 +348,24 @@ class Trainer:
         mbs = self.cfg.train.micro_batch_size
         # Forward-only passes need no data-parallel synchronisation, so DP ranks may run unequal counts.
         mine = list(range(parallel_state.get_data_parallel_rank(), n, self.dp_size))
-        batches = pipeline.pad_microbatches([mine[i : i + mbs] for i in range(0, len(mine), mbs)], self.layout)
+        batches = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
+        if self.equal_lengths and batches:
+            # Expert-parallel ranks exchange tokens in every forward: all run as many micro-batches (a repeat of
+            # a rank's own batch writes the same sums again).
+            batches += [batches[0]] * (math.ceil(math.ceil(n / self.dp_size) / mbs) - len(batches))
+        batches = pipeline.pad_microbatches(batches, self.layout)
         chosen = torch.zeros(n, dtype=torch.float64, device=_device())
         rejected = torch.zeros(n, dtype=torch.float64, device=_device())
         data = _MicroBatches(self.dataset, batches, self.pad_id, None, self.pad_multiple)
         longest = math.ceil(self.cfg.data.max_length / self.pad_multiple) * self.pad_multiple
         for chunk in self.model_chunks:
             chunk.eval()
-        with torch.no_grad():
+        with torch.no_grad(), moe.isolated_router_state(*self.policies):
             outputs = get_forward_backward_func()(
                 forward_step_func=make_logprob_step(),
-                data_iterator=pipeline.data_iterators(data, self.model_chunks, self.pad_id, fixed_length=longest),
+                data_iterator=pipeline.data_iterators(
+                    data, self.model_chunks, self.pad_id, fixed_length=longest, equal_across_ranks=self.equal_lengths
+                ),
                 model=self.model_chunks,
                 num_microbatches=len(batches),
                 seq_length=self.cfg.data.max_length,
@@ -391,21 +409,6 @@ class Trainer:
             self.start.mcore_dir,
         )
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drops metrics logged after the checkpoint being resumed, so the file reads as one clean run."""
-        path = self.workdir / "metrics.jsonl"
-        if not (_is_metrics_writer() and path.is_file()):
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by the interruption
-            if row.get("step", 0) <= step:
-                keep.append(line)
-        path.write_text("".join(line + "\n" for line in keep))
-
     def _stop_unhealthy(self, step: int, cause: str) -> int:
         """Leaves the checkpoints and `latest` as they are; the state that failed is never saved."""
         last_good = train_ckpt.latest_checkpoint(self.workdir) or self.start.mcore_dir or "none (the random initialisation)"
@@ -414,7 +417,7 @@ class Trainer:
         dist.barrier()
         if dist.get_rank() == 0:
             raise TrainingUnhealthy(health.stop_message(record))
-        return health.EXIT_UNHEALTHY
+        return EXIT_UNHEALTHY
 
     def run(self) -> int:
         health.refuse_to_resume(self.workdir)
@@ -422,12 +425,13 @@ class Trainer:
         cfg = self.cfg
         opponent_table = None if self.fused else self._precompute_opponent()
         start_step = 0
-        latest = train_ckpt.latest_checkpoint(self.workdir)
-        if latest is not None:
-            state = train_ckpt.load(latest, self.policies, self.optimizer, self.scheduler, config_to_dict(cfg)["parallel"])
+        resumed = train_ckpt.resume(self.workdir, self.policies, self.optimizer, self.scheduler, config_to_dict(cfg)["parallel"], _log)
+        if resumed is not None:
+            latest, state = resumed
             start_step = int(state["step"])
             _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
-        self._truncate_metrics(start_step)
+        if _is_metrics_writer():
+            metrics.truncate_after(self.workdir / METRICS, start_step)
         if dist.get_rank() == 0:
             (self.workdir / PREEMPTED_MARKER).unlink(missing_ok=True)
         if start_step >= self.total_steps:
@@ -439,17 +443,18 @@ class Trainer:
         stop.install()
         telemetry = GpuTelemetry()
         forward_backward = get_forward_backward_func()
-        forward_step = make_forward_step(cfg.loss.beta, cfg.loss.loss_type, self.fused)
+        forward_step = make_forward_step(cfg.loss, self.fused)
         writer = _is_metrics_writer()
         progress = None
         if writer:
             from tqdm import tqdm
 
             progress = tqdm(total=self.total_steps, initial=start_step, desc="SPIN training", unit="step", file=sys.stderr)
-        metrics_path = self.workdir / "metrics.jsonl"
+        metrics_path = self.workdir / METRICS
         peak = peak_flops(cfg.train.peak_tflops)
         guard = health.HealthGuard(cfg.train.collapse_bound, cfg.train.on_collapse == "stop", cfg.loss.beta, _log)
         guard.replay(metrics_path)
+        metrics_log = metrics.open_metrics(cfg, self.workdir, start_step, writer, _device())
         try:
             for step in range(start_step, self.total_steps):
                 t0 = time.perf_counter()
@@ -460,13 +465,16 @@ class Trainer:
                 self.optimizer.zero_grad()
                 outputs = forward_backward(
                     forward_step_func=forward_step,
-                    data_iterator=pipeline.data_iterators(data, self.model_chunks, self.pad_id),
+                    data_iterator=pipeline.data_iterators(
+                        data, self.model_chunks, self.pad_id, equal_across_ranks=self.equal_lengths
+                    ),
                     model=self.model_chunks,
                     num_microbatches=self.num_microbatches,
                     seq_length=cfg.data.max_length,
                     micro_batch_size=2 * cfg.train.micro_batch_size * (2 if self.fused else 1),
                     forward_only=False,
                 )
+                aux_loss = step_aux_loss(self.model_cfg, self.num_microbatches, _device())
                 lr = self.optimizer.param_groups[0]["lr"]
                 checked = guard.step(self.optimizer, outputs, _device(), step + 1)
                 grad_norm = checked.grad_norm
@@ -485,6 +493,8 @@ class Trainer:
                     pairs = max(stats[STAT_NAMES.index("pairs")].item(), 1.0)
                     row = {"step": done, **{name: stats[i].item() / pairs for i, name in enumerate(STAT_NAMES) if name != "pairs"}}
                     row["reward_margin"] = row["reward_chosen"] - row["reward_rejected"]
+                    if aux_loss is not None:
+                        row["aux_loss"] = aux_loss
                     row["pairs"] = int(pairs)
                     row["lr"] = lr
                     row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
@@ -496,8 +506,7 @@ class Trainer:
                         row["mfu_peak"] = peak.label
                     row.update(telemetry.sample())
                     row.update(checked.metrics())
-                    with open(metrics_path, "a") as handle:
-                        handle.write(health.finite_json_line(row) + "\n")
+                    metrics_log.write(row)
                     progress.update(1)
                     progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
                 if checked.stop_cause is not None:
@@ -515,7 +524,7 @@ class Trainer:
                 self._save(self.total_steps)
             if dist.get_rank() == 0:
                 atomic_write_json(
-                    self.workdir / "train_summary.json",
+                    self.workdir / TRAIN_SUMMARY,
                     {"steps": self.total_steps, "data": self.data_stats.as_dict(), "checkpoint": str(train_ckpt.latest_checkpoint(self.workdir)),
                      "health": guard.summary()},
                 )
@@ -524,6 +533,8 @@ class Trainer:
             stop.restore()
             if progress is not None:
                 progress.close()
+            if metrics_log is not None:
+                metrics_log.close()
 
 
 def train(cfg: SpinConfig, workdir: str | Path, max_steps: Optional[int] = None) -> int:

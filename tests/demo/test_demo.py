@@ -6,7 +6,7 @@ in the report) at toy sizes, so that it fits the CI budget. At those sizes every
 match, so the verdict would be "tied" whatever the code did: the second test therefore writes per-item
 results with a clear winner into the evaluation files and checks that the resumed demo's summary and
 report follow them. Everything the report says is recomputed here from the files on disk, independently
-of spin_mega.report and spin_mega.significance."""
+of spin_mega.report and spin_mega.evaluation.significance."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _demo(workdir, timeout):
 
 
 def _mcnemar_p(a: list[int], b: list[int]) -> float:
-    # Exact two-sided binomial test on the discordant items.
+    # Written out independently of spin_mega.evaluation.significance: exact two-sided binomial test on discordant items.
     only_a = sum(1 for x, y in zip(a, b) if x > y)
     only_b = sum(1 for x, y in zip(a, b) if y > x)
     n = only_a + only_b
