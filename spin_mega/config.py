@@ -189,6 +189,14 @@ class GenerationConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    # vLLM's KV cache per engine in GiB, in place of the gpu_memory_utilization share. On CPU that share is
+    # of host memory (0.3 takes 7 GB of a 23 GB machine, sized by a warm-up pass), far more than a small
+    # model's few thousand sequences need; an explicit size also lets vLLM skip that warm-up. null: the share.
+    kv_cache_gb: Optional[float] = None
+    # true: vLLM's engine core runs inside the generating process instead of a process of its own (and, on
+    # CPU, a third one for its worker). Same samples; on CPU it saves starting Python, torch and vLLM twice
+    # per generation stage. On GPUs leave it false: the separate engine overlaps scheduling with the model.
+    engine_in_process: bool = False
     enforce_eager: bool = False
     batch_size: int = 64  # prompts per hf-backend batch and per flush of results to disk
     dtype: str = "auto"
@@ -508,6 +516,7 @@ NUMERIC_RANGES: dict[str, Range] = {
     "generation.seed": NON_NEGATIVE,
     "generation.tensor_parallel_size": AT_LEAST_1,
     "generation.gpu_memory_utilization": SHARE,
+    "generation.kv_cache_gb": POSITIVE,  # GiB; null: the gpu_memory_utilization share
     "generation.batch_size": AT_LEAST_1,
     "generation.engines": NON_NEGATIVE,  # 0: one per tensor_parallel_size GPUs
     "iterations.num_iterations": AT_LEAST_1,

@@ -78,6 +78,8 @@ LATEST_POINTER = "latest"
 UNHEALTHY_MARKER = "unhealthy.json"
 # Left beside the exit status 75: torchrun reports a worker's 75 as its own exit 1.
 PREEMPTED_MARKER = "preempted.json"
+# The reference model's log-probs of the pairs, computed once before the first step (with the prompt ids).
+OPPONENT_LOGPS = "opponent_logps.json"
 
 _DONE_PREFIX = ".done."
 

@@ -146,6 +146,7 @@ OUT_OF_RANGE = [
     ("generation.top_p=1.5", "generation.top_p is 1.5 but must be in (0, 1]"),
     ("generation.max_new_tokens=0", "generation.max_new_tokens is 0 but must be at least 1"),
     ("generation.gpu_memory_utilization=.inf", "generation.gpu_memory_utilization is inf but must be in (0, 1]"),
+    ("generation.kv_cache_gb=0", "generation.kv_cache_gb is 0.0 but must be positive"),
     ("eval.max_new_tokens=-1", "eval.max_new_tokens is -1 but must be at least 1"),
     ("eval.max_samples=0", "eval.max_samples is 0 but must be at least 1"),
     ("iterations.num_prompts=0", "iterations.num_prompts is 0 but must be at least 1"),

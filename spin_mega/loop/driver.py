@@ -281,7 +281,9 @@ class SpinLoop:
         atomic_write_json(summary_path, summary)
         return summary
 
-    def run(self) -> int:
+    def run(self, evaluate: bool = True) -> int:
+        """evaluate=False stops every iteration after its export: no evaluation, summary or report (a later
+        run with evaluation on the same work directory does them)."""
         if not self.cfg.start_model:
             raise SpinMegaError("start_model is not set: point it at theta_0, an HF model directory or a spin-mega checkpoint")
         if not Path(self.cfg.start_model).exists():
@@ -291,7 +293,8 @@ class SpinLoop:
         self._write_config()
         try:
             self._import_start()
-            if self.heldout_rows or self.cfg.eval.lm_eval_tasks:
+            evaluating = evaluate and bool(self.heldout_rows or self.cfg.eval.lm_eval_tasks)
+            if evaluating:
                 self._stage(self.workdir, "baseline_eval", "evaluate theta_0",
                             lambda: self.evaluate(self.hf_model(0), self.workdir / BASELINE_EVAL, None, None))
             for t in range(self.cfg.iterations.num_iterations):
@@ -304,7 +307,9 @@ class SpinLoop:
                 self._stage(it_dir, "train", f"iteration {t + 1}/{n}: train theta_{t + 1}", lambda: self._train(t, it_dir))
                 self._stage(it_dir, "export", f"iteration {t + 1}/{n}: export theta_{t + 1} to HF",
                             lambda: self._export(self.mcore_model(t + 1), it_dir / HF_DIR))
-                if self.heldout_rows or self.cfg.eval.lm_eval_tasks:
+                if not evaluate:
+                    continue
+                if evaluating:
                     self._stage(it_dir, "eval", f"iteration {t + 1}/{n}: evaluate theta_{t + 1}",
                                 lambda: self.evaluate(it_dir / HF_DIR, it_dir / EVAL, self.hf_model(t), it_dir / HELDOUT_GENERATIONS))
                 else:
@@ -319,6 +324,8 @@ class SpinLoop:
 
             write_report(self.workdir)
             raise
+        if not evaluate:
+            return 0
         summary = self.write_summary()
         try:
             from spin_mega.report import write_report
