@@ -133,6 +133,7 @@ class GpuTelemetry:
             if not torch.cuda.is_available():
                 return
             identity = _device_identity(torch.cuda.current_device())
+        self.identity = identity
         try:
             if nvml is None:
                 import pynvml as nvml
