@@ -7,6 +7,7 @@ import torch
 from conv_testlib import save_hf_model
 
 from spin_mega.conversion import hf_to_mcore, mcore_to_hf
+from tests.support import require_vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -24,7 +25,7 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(exported):
-    vllm = pytest.importorskip("vllm")
+    vllm = require_vllm()
     # Eager mode: on CPU the graph compilation would dominate start-up; 0.3 of the node's memory for the
     # KV cache is what these shared machines grant.
     llm = vllm.LLM(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm")
+from tests.support import require_vllm
+
+require_vllm()
 
 from spin_mega.generation import generate, merge_shards
 from spin_mega.generation.runner import partial_path
