@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +53,40 @@ class Result:
 
 class NotRunHere(Exception):
     """Raised by a check whose GPU, library or device count this machine lacks."""
+
+
+_CHILDREN: list[subprocess.Popen] = []
+
+
+def _run_group(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """Runs cmd in a session of its own and, on a timeout, kills the whole session: torchrun's workers and a
+    check's own children too, which would otherwise keep the GPU busy after the check gave up."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    _CHILDREN.append(proc)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        proc.communicate()
+        raise
+    finally:
+        _CHILDREN.remove(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_children(signum, frame) -> None:
+    """A time limit on the whole preflight (benchmarks/gpu/run.py's) ends the check under way with it."""
+    for proc in list(_CHILDREN):
+        _kill(proc)
+    sys.exit(128 + signum)
 
 
 # ---------------------------------------------------------------------------------------- the checks
@@ -303,7 +338,7 @@ def check_tp2_step(work: Path, nproc: Optional[int] = None, timeout: int = 150) 
            "-m", "spin_mega", "train", "tiny-cpu", "--workdir", str(workdir), "--max-steps", "1"]
     for key, value in settings.items():
         cmd += ["--set", f"{key}={value}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    result = _run_group(cmd, timeout)
     if result.returncode != 0:
         errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
         raise AssertionError(f"exit {result.returncode}: {(errors or result.stderr.splitlines() or ['no output'])[-1][:300]}")
@@ -361,7 +396,7 @@ def run_isolated(check: Check, work: Path) -> Result:
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "spin_mega.commands.preflight", "--one", check.name, "--work", str(work)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=check.timeout_s, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        proc = _run_group(cmd, check.timeout_s)
     except subprocess.TimeoutExpired:
         return Result(check.name, FAILED, f"no answer within {check.timeout_s} s", round(time.perf_counter() - started, 1))
     for line in reversed(proc.stdout.splitlines()):
@@ -375,6 +410,7 @@ def run_all(work: Path, json_path: Optional[Path] = None, emit: Callable[[str], 
     import torch
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    signal.signal(signal.SIGTERM, _stop_children)
     results = []
     for check in CHECKS:
         if visible < check.gpus:
@@ -397,11 +433,13 @@ def _write_json(path: Path, results: list[Result]) -> None:
 
 
 def _injected_failure(name: str) -> None:
-    """Tests: SPIN_MEGA_PREFLIGHT_INJECT="NAME=crash|raise" makes check NAME's process abort or raise, to show
-    that the other checks still report."""
+    """Tests: SPIN_MEGA_PREFLIGHT_INJECT="NAME=crash|hang|raise" makes check NAME's process abort, hang or
+    raise, to show that the other checks still report."""
     target, _, kind = os.environ.get("SPIN_MEGA_PREFLIGHT_INJECT", "").partition("=")
     if target == name and kind == "crash":
         os.abort()
+    if target == name and kind == "hang":
+        time.sleep(3600)
     if target == name and kind == "raise":
         raise RuntimeError("injected failure")
 

@@ -4,6 +4,7 @@ that the first minute on a GPU does not meet a bug in the preflight itself."""
 
 from __future__ import annotations
 
+import dataclasses
 from unittest.mock import create_autospec
 
 import pynvml
@@ -27,6 +28,10 @@ def test_a_crashing_check_becomes_its_failed_line(work, monkeypatch):
     assert result.line().startswith("converted forward: failed: its process died")
     monkeypatch.setenv("SPIN_MEGA_PREFLIGHT_INJECT", "converted forward=raise")
     assert preflight.run_one("converted forward", work).line() == "converted forward: failed: RuntimeError: injected failure"
+    # A hang is cut at the check's time limit (its whole process group is killed) and reported as such.
+    monkeypatch.setenv("SPIN_MEGA_PREFLIGHT_INJECT", "converted forward=hang")
+    hung = preflight.run_isolated(dataclasses.replace(check, timeout_s=5), work)
+    assert hung.line() == "converted forward: failed: no answer within 5 s" and hung.seconds < 20
 
 
 def test_fused_linear_check_on_cpu_names_the_formulation(work):
