@@ -56,6 +56,8 @@ def test_nvml_check_with_a_double_of_nvidia_ml_py(work):
     nvml.nvmlDeviceGetPowerUsage.return_value = 300_000
     detail = preflight.check_nvml(work, nvml=nvml, identity=("pci", "00000000:3B:00.0"))
     assert detail == "opened by pci 00000000:3B:00.0; 20.0 GiB used, 55% busy, 300 W"
+    nvml.nvmlDeviceGetHandleByPciBusId.assert_called_once_with("00000000:3B:00.0")
+    nvml.nvmlDeviceGetMemoryInfo.assert_called_with("handle")
     nvml.nvmlDeviceGetPowerUsage.side_effect = pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
     with pytest.raises(AssertionError, match="Not Supported"):
         preflight.check_nvml(work, nvml=nvml, identity=("pci", "00000000:3B:00.0"))
