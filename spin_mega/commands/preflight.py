@@ -1,5 +1,5 @@
 """`spin-mega env --check`: every call that only runs on CUDA, exercised in seconds before a GPU job spends
-its hours (and as the first step of benchmarks/gpu/run.sh).
+its hours (also benchmarks/gpu/run.sh's first step after naming the device).
 
 One line per check, in this order: `NAME: ok (what was found)`, `NAME: failed: why` or `NAME: not run here:
 why` (a GPU check on a machine without the GPU it needs). Every check runs in a process of its own under its
@@ -58,34 +58,40 @@ class NotRunHere(Exception):
 _CHILDREN: list[subprocess.Popen] = []
 
 
-def _run_group(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
-    """Runs cmd in a session of its own and, on a timeout, kills the whole session: torchrun's workers and a
-    check's own children too, which would otherwise keep the GPU busy after the check gave up."""
+def _run_group(cmd: list[str], timeout: int, grace: int) -> subprocess.CompletedProcess:
+    """Runs cmd in a session of its own. At the time limit the session gets SIGTERM, and `grace` seconds later
+    SIGKILL: torchrun needs the SIGTERM to stop its workers (which it starts in sessions of their own), and
+    nothing may keep the GPU busy after a check gave up."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
     _CHILDREN.append(proc)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill(proc)
-        proc.communicate()
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.communicate()
         raise
     finally:
         _CHILDREN.remove(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
 
 
 def _stop_children(signum, frame) -> None:
-    """A time limit on the whole preflight (benchmarks/gpu/run.py's) ends the check under way with it."""
+    """SIGTERM to the preflight or to a check (benchmarks/gpu/run.py's time limit) is passed on to the check or
+    torchrun under way, so that it stops its own processes too."""
     for proc in list(_CHILDREN):
-        _kill(proc)
+        _signal_group(proc, signal.SIGTERM)
     sys.exit(128 + signum)
 
 
@@ -309,7 +315,7 @@ def check_triton_fused_linear(work: Path, device=None, compiled: bool = True) ->
     return f"bf16 [80, 256] x [5000, 256]: log-probs {f:.1e}, d hidden {gh:.1e}, d weight {gw:.1e} from float64 (relative)"
 
 
-def check_tp2_step(work: Path, nproc: Optional[int] = None, timeout: int = 150) -> str:
+def check_tp2_step(work: Path, nproc: Optional[int] = None, timeout: int = 120) -> str:
     """One `spin-mega train` step under torchrun: bf16, TP 2, sequence parallelism, distributed optimizer."""
     import torch
 
@@ -338,7 +344,8 @@ def check_tp2_step(work: Path, nproc: Optional[int] = None, timeout: int = 150) 
            "-m", "spin_mega", "train", "tiny-cpu", "--workdir", str(workdir), "--max-steps", "1"]
     for key, value in settings.items():
         cmd += ["--set", f"{key}={value}"]
-    result = _run_group(cmd, timeout)
+    # 35 s after a SIGTERM is time for torchrun to stop its workers (it escalates to SIGKILL after 30 s).
+    result = _run_group(cmd, timeout, grace=35)
     if result.returncode != 0:
         errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
         raise AssertionError(f"exit {result.returncode}: {(errors or result.stderr.splitlines() or ['no output'])[-1][:300]}")
@@ -396,7 +403,7 @@ def run_isolated(check: Check, work: Path) -> Result:
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "spin_mega.commands.preflight", "--one", check.name, "--work", str(work)]
     try:
-        proc = _run_group(cmd, check.timeout_s)
+        proc = _run_group(cmd, check.timeout_s, grace=10)
     except subprocess.TimeoutExpired:
         return Result(check.name, FAILED, f"no answer within {check.timeout_s} s", round(time.perf_counter() - started, 1))
     for line in reversed(proc.stdout.splitlines()):
@@ -451,6 +458,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--one", choices=CHECK_NAMES, required=True)
     parser.add_argument("--work", type=Path, required=True)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_children)
     args.work.mkdir(parents=True, exist_ok=True)
     print(json.dumps(asdict(run_one(args.one, args.work))), flush=True)
     return 0
