@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from spin_mega.config import LossConfig
 from spin_mega.training.logprobs import check_label_range, response_rows, sequence_logprobs
 from spin_mega.training.loss import spin_loss
 
@@ -76,14 +77,20 @@ class PolicyOpponent(torch.nn.Module):
         return torch.cat(outputs, dim=0 if last_stage else 1)
 
 
-def _loss_func(batch: dict, beta: float, loss_type: str, fused: bool, output: torch.Tensor):
+def _loss_func(batch: dict, loss_cfg: LossConfig, fused: bool, output: torch.Tensor):
     n = batch["input_ids"].shape[0] // 2  # pairs in this micro-batch
     policy = output[: 2 * n]
     if fused:
         opponent = output[2 * n :]
     else:
         opponent = batch["opponent_logps"].to(policy.device)
-    out = spin_loss(policy[:n], policy[n:], opponent[:n], opponent[n:], beta=beta, loss_type=loss_type)
+    # Counted from the labels on the host, so every log-prob path (and under PP the last stage) has them.
+    tokens = batch["num_response_tokens"].to(policy.device, torch.float32)
+    out = spin_loss(
+        policy[:n], policy[n:], opponent[:n], opponent[n:], beta=loss_cfg.beta, loss_type=loss_cfg.loss_type,
+        label_smoothing=loss_cfg.label_smoothing, sft_weight=loss_cfg.sft_weight,
+        chosen_tokens=tokens[:n], rejected_tokens=tokens[n:],
+    )
     # Sums (not means) over the micro-batch's pairs, reduced later over micro-batches and DP ranks.
     stats = torch.stack(
         [
@@ -94,8 +101,9 @@ def _loss_func(batch: dict, beta: float, loss_type: str, fused: bool, output: to
             torch.tensor(float(n), device=policy.device),
             policy[:n].detach().sum(),
             policy[n:].detach().sum(),
-            batch["num_response_tokens"][:n].sum().to(policy.device, torch.float32),
-            batch["num_response_tokens"][n:].sum().to(policy.device, torch.float32),
+            tokens[:n].sum(),
+            tokens[n:].sum(),
+            out.sft_nll.sum(),
         ]
     )
     return out.loss, {"stats": stats}
@@ -103,7 +111,7 @@ def _loss_func(batch: dict, beta: float, loss_type: str, fused: bool, output: to
 
 STAT_NAMES = (
     "loss", "reward_chosen", "reward_rejected", "reward_accuracy", "pairs", "logp_chosen", "logp_rejected",
-    "chosen_tokens", "rejected_tokens",
+    "chosen_tokens", "rejected_tokens", "sft_nll",
 )
 
 
@@ -115,7 +123,7 @@ def _host_label_rows(batch: dict, model) -> torch.Tensor:
     return response_rows(batch["labels"])
 
 
-def make_forward_step(beta: float, loss_type: str, fused: bool) -> Callable:
+def make_forward_step(loss_cfg: LossConfig, fused: bool) -> Callable:
     def forward_step(data_iterator, model: PolicyOpponent):
         batch = next(data_iterator)
         device = next(model.parameters()).device
@@ -126,7 +134,7 @@ def make_forward_step(beta: float, loss_type: str, fused: bool) -> Callable:
             batch["labels"].to(device, non_blocking=True),
             rows.to(device, non_blocking=True),
         )
-        return output, partial(_loss_func, batch, beta, loss_type, fused)
+        return output, partial(_loss_func, batch, loss_cfg, fused)
 
     return forward_step
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from spin_mega.errors import TrainingUnhealthy
-from spin_mega.io import atomic_write_json
+from spin_mega.io import atomic_write_json, read_jsonl
 
 UNHEALTHY_MARKER = "unhealthy.json"
 EXIT_UNHEALTHY = TrainingUnhealthy.exit_code
@@ -163,11 +163,7 @@ class HealthGuard:
         about once per run and the summary covers every step."""
         if not Path(metrics_path).is_file():
             return
-        for line in Path(metrics_path).read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for row in read_jsonl(metrics_path):
             chosen = row.get("logp_chosen_per_token_change")
             if not isinstance(chosen, (int, float)):
                 continue
