@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from spin_mega.errors import SpinMegaError
-from spin_mega.report import LN2, PLOTS, write_report
+from spin_mega.report import write_report
+from spin_mega.report.plots import LN2, PLOTS
 from tests.support import REPO
 
 BASELINE = {"heldout_logp_per_token": -1.9, "heldout_reward_accuracy": None, "exact_match": 0.30, "num_samples": 50}
@@ -371,16 +372,16 @@ def test_demo_selection_section(tmp_path, last_improved, phrase):
 def drawn(monkeypatch):
     """The figures the report saves, by file name: what matplotlib was handed, checked against the run's
     numbers (a PNG's size says nothing about whether the right data was drawn)."""
-    import spin_mega.report as report_module
+    from spin_mega.report import plots
 
     figures = {}
-    save = report_module._save_png
+    save = plots.save_png
 
     def keep(fig, path):
         figures[Path(path).name] = fig
         save(fig, path)
 
-    monkeypatch.setattr(report_module, "_save_png", keep)
+    monkeypatch.setattr(plots, "save_png", keep)
     return figures
 
 
