@@ -35,7 +35,7 @@ from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
 from spin_mega.training import metrics
 from spin_mega.training import pipeline
-from spin_mega.training.aux_loss import step_aux_loss
+from spin_mega.training.aux_loss import local_aux_losses, step_aux_loss
 from spin_mega.training.environment import resolve_dtype, summary, training_choices
 from spin_mega.training.forward import STAT_NAMES, PolicyOpponent, make_forward_step, make_logprob_step
 from spin_mega.training.logprobs import resolve_impl
@@ -44,7 +44,9 @@ from spin_mega.training.telemetry import GpuTelemetry, mfu, peak_flops
 
 
 class _StopFlag:
-    """Set by SIGUSR1/SIGTERM; acted on at the next optimizer-step boundary, agreed over all ranks."""
+    """Set by SIGUSR1/SIGTERM; acted on at the next optimizer-step boundary, agreed over all ranks (each rank's
+    `vote` rides the step's one all-reduce, in the health guard: a signal is seen by the step under way when
+    it arrives before that step's update, else by the next)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -61,10 +63,8 @@ class _StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def vote(self) -> float:
+        return 1.0 if self.requested else 0.0
 
 
 def _start_checkpoint_helpers_deaf_to_preemption() -> None:
@@ -445,6 +445,7 @@ class Trainer:
         forward_backward = get_forward_backward_func()
         forward_step = make_forward_step(cfg.loss, self.fused)
         writer = _is_metrics_writer()
+        counts_metrics = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
         progress = None
         if writer:
             from tqdm import tqdm
@@ -474,21 +475,34 @@ class Trainer:
                     micro_batch_size=2 * cfg.train.micro_batch_size * (2 if self.fused else 1),
                     forward_only=False,
                 )
-                aux_loss = step_aux_loss(self.model_cfg, self.num_microbatches, _device())
+                aux_local = local_aux_losses(self.model_cfg, _device())
                 lr = self.optimizer.param_groups[0]["lr"]
-                checked = guard.step(self.optimizer, outputs, _device(), step + 1)
+                # This step's sums ride the health guard's all-reduce: the metrics from one rank per data-parallel
+                # replica of the last stage (so a world sum is the data-parallel sum the writer needs), every
+                # rank's MoE balancing losses (aux_loss.py), and every rank's preemption vote (a sum above 0: some
+                # rank was signalled). Layout: stats | tokens, padded tokens | balancing loss per layer | vote.
+                n_stats, n_aux = len(STAT_NAMES), 0 if aux_local is None else aux_local.numel()
+                step_sums = torch.zeros(n_stats + 2 + n_aux + 1, dtype=torch.float64, device=_device())
+                if counts_metrics:
+                    for out in outputs or []:
+                        step_sums[:n_stats] += out["stats"].double()
+                    step_sums[n_stats : n_stats + 2] = torch.tensor([data.tokens, data.padded_tokens], dtype=torch.float64)
+                if n_aux:
+                    step_sums[n_stats + 2 : n_stats + 2 + n_aux] = aux_local
+                step_sums[-1] = stop.vote()
+                checked = guard.step(self.optimizer, outputs, _device(), step + 1, also=step_sums)
                 grad_norm = checked.grad_norm
                 if checked.applied:
                     self.scheduler.step(increment=1)
                 step_time = time.perf_counter() - t0
                 done = step + 1
-                stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=_device())
-                for out in outputs or []:
-                    stats += out["stats"].double()
-                tokens = torch.tensor([data.tokens, data.padded_tokens], dtype=torch.float64, device=_device())
-                if parallel_state.is_pipeline_last_stage():
-                    dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-                dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+                stats, tokens = checked.also[:n_stats], checked.also[n_stats : n_stats + 2]
+                aux_loss = None
+                if n_aux:
+                    aux_loss = step_aux_loss(
+                        self.model_cfg, checked.also[n_stats + 2 : n_stats + 2 + n_aux], self.num_microbatches, self.dp_size
+                    )
+                stop_agreed = checked.also[-1].item() > 0
                 if writer:
                     pairs = max(stats[STAT_NAMES.index("pairs")].item(), 1.0)
                     row = {"step": done, **{name: stats[i].item() / pairs for i, name in enumerate(STAT_NAMES) if name != "pairs"}}
@@ -512,7 +526,7 @@ class Trainer:
                 if checked.stop_cause is not None:
                     return self._stop_unhealthy(done, checked.stop_cause)
                 save_due = cfg.train.save_interval and done % cfg.train.save_interval == 0 and done < self.total_steps
-                if stop.agreed():
+                if stop_agreed:
                     self._save(done)
                     if dist.get_rank() == 0:
                         atomic_write_json(self.workdir / PREEMPTED_MARKER, {"step": done, "time": time.time()})

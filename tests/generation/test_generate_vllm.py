@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-pytest.importorskip("vllm")
+from tests.support import require_vllm
+
+require_vllm()
 
 from spin_mega.generation import generate, merge_shards
 from spin_mega.generation.runner import partial_path

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from spin_mega.io import read_jsonl
@@ -105,6 +106,48 @@ def loop_setup_model_dir(workdir: Path, t: int) -> Path:
     return workdir / f"iter_{t - 1}" / "hf"
 
 
+def _hf_tensors(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def _assert_export_is_the_final_checkpoint(workdir: Path, t: int) -> None:
+    """theta_(t+1) exported for generation (iter_t/hf) holds the weights of iteration t's last training
+    checkpoint, compared tensor by tensor (read from the Megatron checkpoint directly, through the mappings
+    that copy a tensor whole: embedding, final norm, each layer's norms and down projection), and differs
+    from theta_t."""
+    from spin_mega.conversion.dist_ckpt import CheckpointReader
+    from spin_mega.training.checkpoint import latest_checkpoint
+
+    final = latest_checkpoint(workdir / f"iter_{t}" / "train")
+    assert final is not None and final.name == f"step_{json.loads((final / 'trainer_state.json').read_text())['total_steps']:06d}"
+    reader = CheckpointReader(final / "model")
+    exported, previous = _hf_tensors(workdir / f"iter_{t}" / "hf"), _hf_tensors(loop_setup_model_dir(workdir, t))
+
+    def megatron(key: str, layer: int | None = None):
+        shape = tuple(reader.tensor_meta(key).size)
+        if layer is None:
+            return reader.read(key, (0,) * len(shape), shape)
+        return reader.read(key, (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0]
+
+    vocab = exported["model.embed_tokens.weight"].shape[0]
+    pairs = [("model.embed_tokens.weight", megatron("embedding.word_embeddings.weight")[:vocab]),
+             ("model.norm.weight", megatron("decoder.final_layernorm.weight"))]
+    for i in range(sum(1 for k in exported if k.endswith("mlp.down_proj.weight"))):
+        pairs += [(f"model.layers.{i}.mlp.down_proj.weight", megatron("decoder.layers.mlp.linear_fc2.weight", i)),
+                  (f"model.layers.{i}.input_layernorm.weight", megatron("decoder.layers.self_attention.linear_qkv.layer_norm_weight", i))]
+    moved = 0.0
+    for name, trained in pairs:
+        assert torch.equal(exported[name], trained.to(exported[name].dtype)), f"iteration {t}: {name} is not the trained weight"
+        moved = max(moved, (exported[name].double() - previous[name].double()).abs().max().item())
+    # Training moved the weights (an export of theta_t, or of an early checkpoint, would not be the final one).
+    assert moved > 1e-6, f"iteration {t}: the exported weights equal theta_{t}'s"
+
+
 def test_two_iterations_with_vllm(straight_run):
     w = straight_run
     summary = json.loads((w / "summary.json").read_text())
@@ -123,11 +166,9 @@ def test_two_iterations_with_vllm(straight_run):
     # that equal the human response (no signal).
     identical = sum(it["generation"]["identical_to_human"] for it in summary["iterations"])
     assert len(read_jsonl(w / "iter_1" / "pairs.jsonl")) == 64 - identical
-    # Theta_1 generated iteration 1's responses: they differ from theta_0's for at least one prompt.
-    first = {g["prompt_id"]: g["rejected"] for g in read_jsonl(w / "iter_0" / "generations.jsonl")}
-    second = {g["prompt_id"]: g["rejected"] for g in read_jsonl(w / "iter_1" / "generations.jsonl")}
-    common = first.keys() & second.keys()
-    assert common and any(first[k] != second[k] for k in common)
+    # theta_(t+1), exported for iteration t+1's generation, is the trained model: iteration t's final weights.
+    for t in (0, 1):
+        _assert_export_is_the_final_checkpoint(w, t)
     # Each iteration sampled from its own weights: iteration 1's rows carry the fingerprint of the exported
     # theta_1 (iter_0/hf), not theta_0's; the hashes are computed here, from the files, independently.
     theta = [loop_setup_model_dir(w, t) for t in (0, 1)]
