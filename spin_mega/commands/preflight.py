@@ -319,6 +319,7 @@ def check_tp2_step(work: Path, nproc: Optional[int] = None, timeout: int = 120) 
     """One `spin-mega train` step under torchrun: bf16, TP 2, sequence parallelism, distributed optimizer."""
     import torch
 
+    from spin_mega import rundir
     from spin_mega.demo.build import load_demo_rows
     from spin_mega.parallel.distributed import free_port
 
@@ -329,7 +330,7 @@ def check_tp2_step(work: Path, nproc: Optional[int] = None, timeout: int = 120) 
         nproc = 2
     _, mcore_dir = tiny_converted_checkpoint(work)
     rows = load_demo_rows("train")[:9]
-    pairs = work / "pairs.jsonl"
+    pairs = work / rundir.PAIRS
     pairs.write_text("".join(
         json.dumps({"prompt_id": str(i), "prompt": a["prompt"], "chosen": a["response"], "rejected": b["response"]}) + "\n"
         for i, (a, b) in enumerate(zip(rows, rows[1:]))
@@ -349,7 +350,7 @@ def check_tp2_step(work: Path, nproc: Optional[int] = None, timeout: int = 120) 
     if result.returncode != 0:
         errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
         raise AssertionError(f"exit {result.returncode}: {(errors or result.stderr.splitlines() or ['no output'])[-1][:300]}")
-    row = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+    row = json.loads((workdir / rundir.METRICS).read_text().splitlines()[0])
     if not (math.isfinite(row.get("loss") or math.nan) and math.isfinite(row.get("grad_norm") or math.nan)):
         raise AssertionError(f"step 1 was not finite: loss {row.get('loss')}, grad norm {row.get('grad_norm')}")
     # theta = theta_t at the first step: the logistic SPIN loss is ln 2 up to bf16 rounding.
