@@ -58,7 +58,7 @@ def test_demo_runs_two_iterations_and_reports_a_tested_verdict(tmp_path):
         assert len(grid) >= 2
         assert selection[arm]["chosen_lr"] == max(grid, key=lambda c: (c["validation_exact_match"], -c["lr"]))["lr"]
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    assert config["iterations"]["lr"] == [selection["spin"]["chosen_lr"]] and config["optim"]["optimizer"] == "adamw"
+    assert config["optim"]["lr"] == selection["spin"]["chosen_lr"] and config["optim"]["optimizer"] == "adamw"
     assert summary["sft_control"]["lr"] == selection["control"]["chosen_lr"]
     # The grid's candidates trained on the same pairs (generated once), and the kept run continues the chosen one.
     grid_dirs = sorted((workdir / "grid").glob("spin_lr_*"))
