@@ -256,17 +256,21 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
 _ABSENT = object()
 
 
-def config_changes(previous: dict, current: dict, ignore: Iterable[str] = ()) -> list[str]:
-    """`key: old -> new` for every dotted key whose value differs between two resolved configs, except the
-    keys RESUME_MAY_CHANGE allows and those under `ignore`."""
+def config_changes(previous: dict, current: dict, ignore: Iterable[str] = (), defaults: Optional[dict] = None) -> list[str]:
+    """`key: old -> new` for every dotted key of `current` whose value differs in `previous` (two resolved
+    configs), except the keys RESUME_MAY_CHANGE allows and those under `ignore`. A key `previous` lacks (a
+    record written before the key existed) had its default value (from `defaults`); a key `current` lacks no
+    longer exists and cannot matter."""
     old, new = _flatten(previous), _flatten(current)
+    for key, value in _flatten(defaults or {}).items():
+        old.setdefault(key, value)
     skipped = (*RESUME_MAY_CHANGE, *ignore)
 
     def show(value: Any) -> str:
         return "(absent)" if value is _ABSENT else yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
     changes = []
-    for key in sorted(old.keys() | new.keys()):
+    for key in sorted(new):
         a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if a != b and not _under(key, skipped):
             changes.append(f"{key}: {show(a)} -> {show(b)}")
@@ -289,10 +293,12 @@ def holds_results(workdir: Path) -> bool:
     return False
 
 
-def check_resume(workdir: Path, current: dict, ignore: Iterable[str] = (), fallback: Optional[dict] = None) -> None:
+def check_resume(workdir: Path, current: dict, ignore: Iterable[str] = (), fallback: Optional[dict] = None,
+                 defaults: Optional[dict] = None) -> None:
     """Refuses to resume WORKDIR with a config that changes the result: compares `current` (a resolved config)
     with WORKDIR/config.yaml, or with `fallback` (the config an older spin-mega kept elsewhere) when there is
-    no record, once WORKDIR holds results. Names every changed key and the ways out."""
+    no record, once WORKDIR holds results (config_changes; `defaults`: every key's default value, for a
+    record older than some keys). Names every changed key and the ways out."""
     workdir = Path(workdir)
     record_path = workdir / CONFIG
     previous = read_resolved_config(record_path)
@@ -300,7 +306,7 @@ def check_resume(workdir: Path, current: dict, ignore: Iterable[str] = (), fallb
         previous = fallback
     if previous is None or not holds_results(workdir):
         return
-    changes = config_changes(previous, current, ignore)
+    changes = config_changes(previous, current, ignore, defaults)
     if not changes:
         return
     shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")

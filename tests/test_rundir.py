@@ -76,6 +76,18 @@ def test_config_changes_name_dotted_keys_and_skip_what_a_resume_may_change():
     assert rundir.config_changes(base, _config(**{"iterations.beta": "[0.1, 0.5]"})) == ["iterations.beta: null -> [0.1, 0.5]"]
 
 
+def test_a_record_older_than_a_key_holds_its_default_and_a_key_since_removed_is_no_change():
+    from spin_mega.config import SpinConfig, config_to_dict
+
+    defaults = config_to_dict(SpinConfig())
+    old_record = _config()
+    del old_record["data"]["add_bos"], old_record["loss"]["sft_weight"]  # written before these keys existed
+    old_record["train"]["retired_key"] = 3
+    assert rundir.config_changes(old_record, _config(), defaults=defaults) == []
+    assert rundir.config_changes(old_record, _config(**{"loss.sft_weight": 0.5}), defaults=defaults) == [
+        "loss.sft_weight: 0.0 -> 0.5"]
+
+
 def test_a_record_binds_once_the_directory_holds_results(tmp_path):
     rundir.write_resolved_config(tmp_path / rundir.CONFIG, _config())
     (tmp_path / rundir.LOGS_DIR).mkdir()

@@ -81,7 +81,7 @@ class SpinLoop:
         """Compares the config with the one this work directory's results came from (rundir.check_resume),
         then records it: under the lock, after the start-up checks."""
         resolved = config_to_dict(self.cfg)
-        check_resume(self.workdir, resolved)
+        check_resume(self.workdir, resolved, defaults=config_to_dict(SpinConfig()))
         write_resolved_config(self.config_path, resolved)
 
     # ---- models of each iteration -------------------------------------------------------------------

@@ -207,8 +207,10 @@ class Trainer:
         self.max_steps = max_steps if max_steps is not None else cfg.train.max_steps
 
     # ---- start-up and set-up ------------------------------------------------------------------------
-    def start(self) -> None:
-        """The process groups; nothing is written."""
+    def init_process_groups(self) -> None:
+        """The process groups; nothing is written. Once per process: setup() calls it when run() has not."""
+        if getattr(self, "launch", None) is not None:
+            return
         p = self.cfg.parallel
         # Before any process group: a layout the model cannot be split into fails in a second.
         self.layout = pipeline.check_layout(self.cfg)
@@ -236,13 +238,16 @@ class Trainer:
         """Refuses a resume whose config changes the result (the keys training reads), then records this
         one as WORKDIR/config.yaml. Directories from before the record compare with their newest checkpoint's."""
         resolved = config_to_dict(self.cfg)
-        check_resume(self.workdir, resolved, ignore=NOT_READ_BY_TRAINING, fallback=train_ckpt.saved_config(self.workdir))
+        check_resume(self.workdir, resolved, ignore=NOT_READ_BY_TRAINING, fallback=train_ckpt.saved_config(self.workdir),
+                     defaults=config_to_dict(SpinConfig()))
         dist.barrier()
         if dist.get_rank() == 0:
             write_resolved_config(self.workdir / CONFIG, resolved)
         dist.barrier()
 
     def setup(self) -> None:
+        self.init_process_groups()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
         p = cfg.parallel
         self.dtype = resolve_dtype(cfg.train.precision)
@@ -443,7 +448,7 @@ class Trainer:
         return EXIT_UNHEALTHY
 
     def run(self) -> int:
-        self.start()
+        self.init_process_groups()
         with self.workdir_lock():
             health.refuse_to_resume(self.workdir)
             self.record_config()
