@@ -1,4 +1,4 @@
-"""`spin-mega train CONFIG --workdir DIR [--tp N] [--pp N] [--max-steps N]`: one SPIN iteration's training."""
+"""`spin-mega train CONFIG --workdir DIR [--tp N] [--pp N] [--ep N] [--max-steps N]`: one SPIN iteration's training."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--workdir", required=True, help="directory for checkpoints and metrics.jsonl")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (overrides parallel.tensor_parallel)")
     parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (overrides parallel.pipeline_parallel)")
+    parser.add_argument(
+        "--ep", type=int, default=None, help="expert-parallel size of an MoE model (overrides parallel.expert_parallel)"
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides train.max_steps)")
     parser.set_defaults(handler=run)
 
@@ -39,6 +42,8 @@ def run(args) -> int:
         overrides.append(f"parallel.tensor_parallel={args.tp}")
     if args.pp is not None:
         overrides.append(f"parallel.pipeline_parallel={args.pp}")
+    if args.ep is not None:
+        overrides.append(f"parallel.expert_parallel={args.ep}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     cfg = load_config(args.config, overrides)  # before importing megatron: a config error costs no start-up

@@ -115,7 +115,8 @@ class SpinLoop:
             def run():
                 self.stages.convert(
                     ["hf-to-mcore", "--hf", str(start), "--out", str(self.workdir / START_MCORE),
-                     "--tp", str(self.cfg.parallel.tensor_parallel), "--pp", str(self.cfg.parallel.pipeline_parallel)],
+                     "--tp", str(self.cfg.parallel.tensor_parallel), "--pp", str(self.cfg.parallel.pipeline_parallel),
+                     "--ep", str(self.cfg.parallel.expert_parallel)],
                     "importing the start model", self.workdir / LOGS_DIR / "convert.log",
                 )
             self._stage(self.workdir, "import_start", "import theta_0 into Megatron format", run)

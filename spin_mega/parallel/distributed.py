@@ -61,10 +61,17 @@ def detect_launch_env() -> LaunchEnv:
 
 
 def initialize(
-    tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234, virtual_pipeline: int = 1
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 1234,
+    virtual_pipeline: int = 1,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int = 1,
 ) -> LaunchEnv:
     """Starts torch.distributed and Megatron's model-parallel groups. Safe to call once per process.
-    `virtual_pipeline` > 1 selects megatron's interleaved pipeline schedule."""
+    `virtual_pipeline` > 1 selects megatron's interleaved pipeline schedule; `expert_parallel` and
+    `expert_tensor_parallel` lay out the experts of an MoE model (checked against the model beforehand:
+    parallel/layout.py's check_expert_parallel)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -74,6 +81,13 @@ def initialize(
         raise SpinMegaError(
             f"{launch.world_size} processes cannot be split into tensor parallel {tensor_parallel} x "
             f"pipeline parallel {pipeline_parallel}: the world size must be a multiple of {model_parallel}"
+        )
+    expert_grid = expert_tensor_parallel * expert_parallel * pipeline_parallel
+    if launch.world_size % expert_grid:
+        raise SpinMegaError(
+            f"{launch.world_size} processes cannot be split into expert tensor parallel {expert_tensor_parallel} x "
+            f"expert parallel {expert_parallel} x pipeline parallel {pipeline_parallel}: the world size must be a "
+            f"multiple of {expert_grid}"
         )
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -93,6 +107,8 @@ def initialize(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
             virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
+            expert_model_parallel_size=expert_parallel,
+            expert_tensor_parallel_size=expert_tensor_parallel,
         )
     model_parallel_cuda_manual_seed(seed)
     return launch

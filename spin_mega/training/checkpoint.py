@@ -308,8 +308,11 @@ def _prune(root: Path, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel", "first_stage_layers", "last_stage_layers")
-LAYOUT_DEFAULTS = (1, 1, 1, None, None)
+LAYOUT_KEYS = (
+    "tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel", "first_stage_layers", "last_stage_layers",
+    "expert_parallel", "expert_tensor_parallel",
+)
+LAYOUT_DEFAULTS = (1, 1, 1, None, None, 1, 1)
 
 
 def _layout(parallel: dict) -> tuple:
@@ -317,10 +320,12 @@ def _layout(parallel: dict) -> tuple:
 
 
 def _describe(layout: tuple) -> str:
-    tp, pp, vpp, first, last = layout
+    tp, pp, vpp, first, last, ep, etp = layout
     text = f"tensor parallel {tp} x pipeline parallel {pp}"
     if vpp != 1:
         text += f" x virtual pipeline {vpp}"
+    if ep != 1 or etp != 1:
+        text += f" x expert parallel {ep} (expert tensor parallel {etp})"
     if first is not None or last is not None:
         text += f" (first/last stage layers {first}/{last})"
     return text
@@ -328,9 +333,9 @@ def _describe(layout: tuple) -> str:
 
 def check_resume_layout(saved_parallel: dict, parallel: dict) -> None:
     """Refuses, before loading anything, a resume whose optimizer state cannot be read back: the distributed
-    optimizer's flat per-rank buffers only at the model-parallel layout (TP, PP, virtual stages, layer split)
-    they were written at, and never across the two optimizer formats. `parallel`: this run's ParallelConfig
-    as a dict."""
+    optimizer's flat per-rank buffers only at the model-parallel layout (TP, PP, virtual stages, layer split,
+    EP and expert TP) they were written at, and never across the two optimizer formats. `parallel`: this run's
+    ParallelConfig as a dict."""
     was_distributed = bool(saved_parallel.get("distributed_optimizer", False))
     if was_distributed != bool(parallel.get("distributed_optimizer", False)):
         raise SpinMegaError(

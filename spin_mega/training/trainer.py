@@ -31,6 +31,7 @@ from spin_mega.config import SpinConfig, config_to_dict
 from spin_mega.errors import SpinMegaError, TrainingUnhealthy
 from spin_mega.io import atomic_write_json
 from spin_mega.models import checkpoint as model_ckpt
+from spin_mega.models import moe
 from spin_mega.models.chunks import build_model_chunks
 from spin_mega.models.gpt import padded_vocab_size, transformer_config
 from spin_mega.models.hf_config import resolve_model_config
@@ -43,6 +44,7 @@ from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
 from spin_mega.training import metrics
 from spin_mega.training import pipeline
+from spin_mega.training.aux_loss import step_aux_loss
 from spin_mega.training.environment import resolve_dtype, summary, training_choices
 from spin_mega.training.forward import STAT_NAMES, PolicyOpponent, make_forward_step, make_logprob_step
 from spin_mega.training.logprobs import resolve_impl
@@ -215,7 +217,8 @@ class Trainer:
         # Before any process group: a layout the model cannot be split into fails in a second.
         self.layout = pipeline.check_layout(self.cfg)
         self.launch = distributed.initialize(
-            p.tensor_parallel, p.pipeline_parallel, seed=self.cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel
+            p.tensor_parallel, p.pipeline_parallel, seed=self.cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel,
+            expert_parallel=p.expert_parallel, expert_tensor_parallel=p.expert_tensor_parallel,
         )
 
     @contextlib.contextmanager
@@ -263,6 +266,9 @@ class Trainer:
                 "training attends over the full context, so keep sequences within the window"
             )
         self.padded_vocab = padded_vocab_size(self.model_cfg.vocab_size, p.tensor_parallel)
+        self.equal_lengths = moe.needs_equal_token_counts(
+            self.model_cfg, p.expert_parallel, p.expert_tensor_parallel, p.tensor_parallel
+        )
         self.tokenizer = _load_tokenizer(self.start.tokenizer_dir)
         metrics.check_trackers(cfg, _is_metrics_writer(), _device())
         self._setup_data()
@@ -310,6 +316,8 @@ class Trainer:
             virtual_pipeline=p.virtual_pipeline_parallel,
             first_stage_layers=p.first_stage_layers,
             last_stage_layers=p.last_stage_layers,
+            expert_parallel=p.expert_parallel,
+            expert_tensor_parallel=p.expert_tensor_parallel,
         )
         # Variable-length micro-batches (length bucketing) need shapes exchanged between stages.
         tconfig.variable_seq_lengths = True
@@ -383,17 +391,24 @@ class Trainer:
         mbs = self.cfg.train.micro_batch_size
         # Forward-only passes need no data-parallel synchronisation, so DP ranks may run unequal counts.
         mine = list(range(parallel_state.get_data_parallel_rank(), n, self.dp_size))
-        batches = pipeline.pad_microbatches([mine[i : i + mbs] for i in range(0, len(mine), mbs)], self.layout)
+        batches = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
+        if self.equal_lengths and batches:
+            # Expert-parallel ranks exchange tokens in every forward: all run as many micro-batches (a repeat of
+            # a rank's own batch writes the same sums again).
+            batches += [batches[0]] * (math.ceil(math.ceil(n / self.dp_size) / mbs) - len(batches))
+        batches = pipeline.pad_microbatches(batches, self.layout)
         chosen = torch.zeros(n, dtype=torch.float64, device=_device())
         rejected = torch.zeros(n, dtype=torch.float64, device=_device())
         data = _MicroBatches(self.dataset, batches, self.pad_id, None, self.pad_multiple)
         longest = math.ceil(self.cfg.data.max_length / self.pad_multiple) * self.pad_multiple
         for chunk in self.model_chunks:
             chunk.eval()
-        with torch.no_grad():
+        with torch.no_grad(), moe.isolated_router_state(*self.policies):
             outputs = get_forward_backward_func()(
                 forward_step_func=make_logprob_step(),
-                data_iterator=pipeline.data_iterators(data, self.model_chunks, self.pad_id, fixed_length=longest),
+                data_iterator=pipeline.data_iterators(
+                    data, self.model_chunks, self.pad_id, fixed_length=longest, equal_across_ranks=self.equal_lengths
+                ),
                 model=self.model_chunks,
                 num_microbatches=len(batches),
                 seq_length=self.cfg.data.max_length,
@@ -499,13 +514,16 @@ class Trainer:
                 self.optimizer.zero_grad()
                 outputs = forward_backward(
                     forward_step_func=forward_step,
-                    data_iterator=pipeline.data_iterators(data, self.model_chunks, self.pad_id),
+                    data_iterator=pipeline.data_iterators(
+                        data, self.model_chunks, self.pad_id, equal_across_ranks=self.equal_lengths
+                    ),
                     model=self.model_chunks,
                     num_microbatches=self.num_microbatches,
                     seq_length=cfg.data.max_length,
                     micro_batch_size=2 * cfg.train.micro_batch_size * (2 if self.fused else 1),
                     forward_only=False,
                 )
+                aux_loss = step_aux_loss(self.model_cfg, self.num_microbatches, _device())
                 lr = self.optimizer.param_groups[0]["lr"]
                 checked = guard.step(self.optimizer, outputs, _device(), step + 1)
                 grad_norm = checked.grad_norm
@@ -524,6 +542,8 @@ class Trainer:
                     pairs = max(stats[STAT_NAMES.index("pairs")].item(), 1.0)
                     row = {"step": done, **{name: stats[i].item() / pairs for i, name in enumerate(STAT_NAMES) if name != "pairs"}}
                     row["reward_margin"] = row["reward_chosen"] - row["reward_rejected"]
+                    if aux_loss is not None:
+                        row["aux_loss"] = aux_loss
                     row["pairs"] = int(pairs)
                     row["lr"] = lr
                     row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
