@@ -265,7 +265,7 @@ def test_failed_stage_reports_one_line_and_keeps_earlier_outputs(loop_setup):
     assert not (workdir / "iter_0" / ".done.train").exists()
     # Re-running with other settings in the same work directory is refused rather than mixing two runs.
     again = _run(loop_setup["config_hf"], workdir, timeout=300)
-    assert again.returncode == 2 and "holds results of other settings (train.global_batch_size: 4096 -> 16)" in again.stderr
+    assert again.returncode == 2 and "holds results of other settings (train.global_batch_size: 4096 -> 8)" in again.stderr
 
 
 def test_unhealthy_training_stops_the_loop_and_keeps_earlier_outputs(loop_setup):
