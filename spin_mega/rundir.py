@@ -29,6 +29,7 @@ A training work directory (`spin-mega train --workdir`, or iter_<t>/train/ of a 
     config.yaml                            the training's resolved config (binds a resume)
     .lock                                  (for iter_<t>/train/ of a run: the run's WORKDIR/.lock instead)
     start_mcore/                           start_model imported into Megatron format (when it is an HF model)
+    opponent_logps.json                    the opponent's log-probs of every pair (computed once, reused on resume)
     metrics.jsonl                          one line per optimizer step
     train_summary.json                     written when training ends
     checkpoints/step_<n>/                  one complete checkpoint (training/checkpoint.py)
@@ -86,6 +87,8 @@ EVAL = "eval.json"
 
 # ---- a training work directory -----------------------------------------------------------------------------
 METRICS = "metrics.jsonl"
+# The opponent's log-probs of every pair, computed once before the first update; a resume reuses them.
+OPPONENT_LOGPS = "opponent_logps.json"
 TRAIN_SUMMARY = "train_summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"

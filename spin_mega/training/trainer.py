@@ -37,8 +37,8 @@ from spin_mega.models.gpt import padded_vocab_size, transformer_config
 from spin_mega.models.hf_config import resolve_model_config
 from spin_mega.parallel import distributed
 from spin_mega.rundir import (
-    CONFIG, EXIT_PREEMPTED, EXIT_UNHEALTHY, METRICS, NOT_READ_BY_TRAINING, PREEMPTED_MARKER, START_MCORE, TRAIN_SUMMARY,
-    check_resume, hold_lock, write_resolved_config,
+    CONFIG, EXIT_PREEMPTED, EXIT_UNHEALTHY, METRICS, NOT_READ_BY_TRAINING, OPPONENT_LOGPS, PREEMPTED_MARKER, START_MCORE,
+    TRAIN_SUMMARY, check_resume, hold_lock, write_resolved_config,
 )
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
@@ -51,7 +51,6 @@ from spin_mega.training.logprobs import resolve_impl
 from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
 from spin_mega.training.telemetry import GpuTelemetry, mfu, peak_flops
 
-OPPONENT_FILE = "opponent_logps.json"
 
 
 class _StopFlag:
@@ -378,7 +377,7 @@ class Trainer:
     def _precompute_opponent(self) -> dict:
         """Per-sequence log-probs of theta_t on every pair, computed once before the first update and kept
         in the work directory (`opponent_logps.json`, with the prompt ids) so a resume reuses them."""
-        path = self.workdir / OPPONENT_FILE
+        path = self.workdir / OPPONENT_LOGPS
         n = len(self.dataset)
         if path.is_file():
             table = json.loads(path.read_text())
