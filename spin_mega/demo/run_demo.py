@@ -77,9 +77,10 @@ def demo_config(start_model: Path, iterations: int, backend: Optional[str], lr: 
 
     raw = yaml.safe_load(importlib.resources.files("spin_mega.configs").joinpath("tiny-cpu.yaml").read_text())
     raw["start_model"] = str(start_model)
-    raw["data"].update(train_path=str(asset_path("train")), schema="prompt_response", shuffle_seed=seed)
-    raw["eval"].update(eval_path=str(asset_path("heldout")), max_samples=size.test_samples)
-    raw["iterations"].update(num_iterations=iterations, lr=[lr], num_prompts=size.num_prompts)
+    raw["data"].update(train_path=str(asset_path("train")), eval_path=str(asset_path("heldout")), schema="prompt_response",
+                       shuffle_seed=seed)
+    raw["eval"].update(max_samples=size.test_samples)
+    raw["iterations"].update(num_iterations=iterations, num_prompts=size.num_prompts)
     raw["optim"].update(ARM_OPTIM, lr=lr)
     raw["train"]["seed"] = seed
     raw["generation"]["seed"] = seed

@@ -1,10 +1,16 @@
 """One SPIN iteration's training on Megatron-core: TP x PP x DP, resumable, preemptible.
 
     train(cfg, workdir) -> exit code (0 done, 75 preempted with a checkpoint saved)
+
+Start-up, before anything is written: the process groups, then rank 0 takes the work directory's lock (the
+others learn the outcome by a broadcast, so a refusal ends every rank at once), then every rank compares the
+config with the one the directory's results came from (rundir.check_resume). Rank 0 then records the config
+(WORKDIR/config.yaml) and training sets up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -30,7 +36,10 @@ from spin_mega.models.chunks import build_model_chunks
 from spin_mega.models.gpt import padded_vocab_size, transformer_config
 from spin_mega.models.hf_config import resolve_model_config
 from spin_mega.parallel import distributed
-from spin_mega.rundir import EXIT_PREEMPTED, EXIT_UNHEALTHY, METRICS, OPPONENT_LOGPS, PREEMPTED_MARKER, START_MCORE, TRAIN_SUMMARY
+from spin_mega.rundir import (
+    CONFIG, EXIT_PREEMPTED, EXIT_UNHEALTHY, METRICS, NOT_READ_BY_TRAINING, OPPONENT_LOGPS, PREEMPTED_MARKER, START_MCORE,
+    TRAIN_SUMMARY, check_resume, hold_lock, write_resolved_config,
+)
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
 from spin_mega.training import metrics
@@ -197,19 +206,51 @@ class Trainer:
         self.workdir = Path(workdir)
         self.max_steps = max_steps if max_steps is not None else cfg.train.max_steps
 
-    # ---- set-up -------------------------------------------------------------------------------------
-    def setup(self) -> None:
-        cfg = self.cfg
-        p = cfg.parallel
+    # ---- start-up and set-up ------------------------------------------------------------------------
+    def init_process_groups(self) -> None:
+        """The process groups; nothing is written. Once per process: setup() calls it when run() has not."""
+        if getattr(self, "launch", None) is not None:
+            return
+        p = self.cfg.parallel
         # Before any process group: a layout the model cannot be split into fails in a second.
-        self.layout = pipeline.check_layout(cfg)
+        self.layout = pipeline.check_layout(self.cfg)
         self.launch = distributed.initialize(
-            p.tensor_parallel, p.pipeline_parallel, seed=cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel,
+            p.tensor_parallel, p.pipeline_parallel, seed=self.cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel,
             expert_parallel=p.expert_parallel, expert_tensor_parallel=p.expert_tensor_parallel,
         )
-        if dist.get_rank() == 0:
-            self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def workdir_lock(self):
+        """The work directory's lock (rundir.hold_lock), taken by rank 0 for the whole training; a refusal
+        reaches every rank, so none is left waiting at a collective for a rank that has gone."""
+        with contextlib.ExitStack() as stack:
+            refusal = [None]
+            if dist.get_rank() == 0:
+                try:
+                    stack.enter_context(hold_lock(self.workdir))
+                except SpinMegaError as exc:
+                    refusal = [str(exc)]
+            dist.broadcast_object_list(refusal, src=0)
+            if refusal[0] is not None:
+                raise SpinMegaError(refusal[0])
+            yield
+
+    def record_config(self) -> None:
+        """Refuses a resume whose config changes the result (the keys training reads), then records this
+        one as WORKDIR/config.yaml. Directories from before the record compare with their newest checkpoint's."""
+        resolved = config_to_dict(self.cfg)
+        check_resume(self.workdir, resolved, ignore=NOT_READ_BY_TRAINING, fallback=train_ckpt.saved_config(self.workdir),
+                     defaults=config_to_dict(SpinConfig()))
         dist.barrier()
+        if dist.get_rank() == 0:
+            write_resolved_config(self.workdir / CONFIG, resolved)
+        dist.barrier()
+
+    def setup(self) -> None:
+        self.init_process_groups()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        p = cfg.parallel
         self.dtype = resolve_dtype(cfg.train.precision)
         self.start = _prepare_start(cfg, self.workdir)
         if self.start.mcore_dir is not None:
@@ -420,7 +461,13 @@ class Trainer:
         return EXIT_UNHEALTHY
 
     def run(self) -> int:
-        health.refuse_to_resume(self.workdir)
+        self.init_process_groups()
+        with self.workdir_lock():
+            health.refuse_to_resume(self.workdir)
+            self.record_config()
+            return self._train()
+
+    def _train(self) -> int:
         self.setup()
         cfg = self.cfg
         opponent_table = None if self.fused else self._precompute_opponent()

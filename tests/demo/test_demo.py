@@ -136,7 +136,7 @@ def test_demo_runs_two_iterations_and_reports_a_tested_verdict(demo_workdir):
     for c in selection["spin"]["candidates"]:
         assert _read(workdir / "grid" / f"spin_lr_{c['lr']:g}" / "validation.json")["validation_exact_match"] == c["validation_exact_match"]
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    assert config["iterations"]["lr"] == [selection["spin"]["chosen_lr"]] and config["optim"]["optimizer"] == "adamw"
+    assert config["optim"]["lr"] == selection["spin"]["chosen_lr"] and config["optim"]["optimizer"] == "adamw"
     assert summary["sft_control"]["lr"] == selection["control"]["chosen_lr"]
     # The control evaluated on the test split is the chosen candidate's model.
     assert Path(_read(workdir / "sft_control_eval.json")["model"]) == control_dir

@@ -21,6 +21,8 @@ from tests.support import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
+BETA, LR = 0.5, 1e-4
+
 
 def _have_vllm() -> bool:
     import importlib.util
@@ -43,12 +45,15 @@ def loop_setup(tmp_path_factory) -> dict:
     heldout.write_text("".join(json.dumps(r) + "\n" for r in load_demo_rows("heldout")[:8]))
     config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
     config["start_model"] = str(model)
-    config["data"].update(train_path=str(sft), schema="prompt_response")
-    config["eval"].update(eval_path=str(heldout), max_samples=8, max_new_tokens=12)
+    config["data"].update(train_path=str(sft), eval_path=str(heldout), schema="prompt_response")
+    config["eval"].update(max_samples=8, max_new_tokens=12)
     config["train"].update(micro_batch_size=4, global_batch_size=8, epochs=1)
     # Flushes of 8 prompts give the interruption test a partial file to stop in.
     config["generation"].update(backend="vllm", max_new_tokens=16, batch_size=8)
-    config["iterations"].update(num_iterations=2, num_prompts=32, lr=[1e-4], beta=[0.1])
+    config["iterations"].update(num_iterations=2, num_prompts=32)
+    # The user's single values, not the defaults (0.1, 5e-7): each must reach every iteration's training.
+    config["loss"]["beta"] = BETA
+    config["optim"].update(lr=LR, warmup_ratio=0.0)
     path = root / "loop.yaml"
     path.write_text(yaml.safe_dump(config))
     # The interruption test uses the hf backend: vLLM answers these 40 short prompts in a fraction of a
@@ -179,6 +184,32 @@ def test_two_iterations_with_vllm(straight_run):
     assert (w / "report" / "report.md").is_file()
 
 
+def test_every_stage_ran_with_the_users_settings(straight_run):
+    """loss.beta and optim.lr as the run config wrote them reach each iteration's training: in the config the
+    stage recorded and in what it logged. Generation and evaluation record their configs beside their outputs."""
+    w = straight_run
+    run_config = yaml.safe_load((w / "config.yaml").read_text())
+    assert (run_config["loss"]["beta"], run_config["optim"]["lr"]) == (BETA, LR)
+    for t in (0, 1):
+        it = w / f"iter_{t}"
+        trained = yaml.safe_load((it / "train" / "config.yaml").read_text())
+        assert (trained["loss"]["beta"], trained["optim"]["lr"]) == (BETA, LR)
+        assert trained["data"]["train_path"] == str(it / "pairs.jsonl") and trained["data"]["schema"] == "pairs"
+        metrics = [json.loads(line) for line in (it / "train" / "metrics.jsonl").read_text().splitlines()]
+        # No warm-up: the first step trains at optim.lr.
+        assert metrics[0]["lr"] == pytest.approx(LR, rel=1e-9)
+        # reward = beta * (log pi - log pi_opp) per sequence; the logged per-token change is the same log-ratio
+        # summed over the step and divided by its tokens: their quotient is the beta the step trained with.
+        later = [m for m in metrics[1:] if m["logp_chosen_per_token_change"]]
+        assert later
+        for m in later:
+            assert m["reward_chosen"] / (m["logp_chosen_per_token_change"] * m["chosen_tokens"]) == pytest.approx(BETA, rel=1e-6)
+        generation = yaml.safe_load((it / "all_generations.config.yaml").read_text())
+        assert generation["generation"]["seed"] == run_config["generation"]["seed"] + t
+        assert yaml.safe_load((it / "eval.config.yaml").read_text()) == run_config
+    assert yaml.safe_load((w / "baseline_eval.config.yaml").read_text()) == run_config
+
+
 def test_prompt_is_rendered_identically_for_generation_and_training(straight_run):
     from transformers import AutoTokenizer
 
@@ -275,13 +306,13 @@ def test_failed_stage_reports_one_line_and_keeps_earlier_outputs(loop_setup):
     assert not (workdir / "iter_0" / ".done.train").exists()
     # Re-running with other settings in the same work directory is refused rather than mixing two runs.
     again = _run(loop_setup["config_hf"], workdir, timeout=300)
-    assert again.returncode == 2 and "different config" in again.stderr
+    assert again.returncode == 2 and "holds results of other settings (train.global_batch_size: 4096 -> 8)" in again.stderr
 
 
 def test_unhealthy_training_stops_the_loop_and_keeps_earlier_outputs(loop_setup):
     workdir = loop_setup["root"] / "diverging"
     # The issue's reproduction: a learning rate far too high without clipping gives a NaN loss at step 2.
-    diverge = ("--set", "iterations.lr=[1e30]", "--set", "optim.clip_grad=0")
+    diverge = ("--set", "optim.lr=1e30", "--set", "optim.clip_grad=0")
     result = _run(loop_setup["config_hf"], workdir, *diverge, timeout=900)
     assert result.returncode == 3, result.stderr[-4000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("spin-mega run: error:")]
