@@ -81,8 +81,11 @@ def test_metrics_line_is_json_with_nulls_and_a_flag():
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoints(tiny_run, tmp_path):
     work = tmp_path / "w"
+    # The resumed run (5 steps) follows its own learning-rate schedule, under which the tiny model's human
+    # responses fall ~1.1 nats per token by step 5: a bound above that keeps this test about the non-finite stop.
+    settings = ("--set", "train.save_interval=1", "--set", "train.collapse_bound=5")
     # Three healthy steps, a checkpoint after each (two are kept).
-    first = _train(tiny_run, work, "--set", "train.save_interval=1", max_steps=3)
+    first = _train(tiny_run, work, *settings, max_steps=3)
     assert first.returncode == 0, first.stderr[-3000:]
     healthy = _strict_rows(work)
     assert [r["collapse"] for r in healthy] == [False] * 3 and healthy[0]["logp_chosen_per_token_change"] == 0.0
@@ -92,7 +95,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoints(tiny_
 
     # Step 4 meets an infinite loss: the run stops before applying it.
     good_table = _poison_opponent_chosen(work)
-    stopped = _train(tiny_run, work, "--set", "train.save_interval=1", max_steps=6)
+    stopped = _train(tiny_run, work, *settings, max_steps=6)
     assert stopped.returncode == EXIT_UNHEALTHY, stopped.stderr[-3000:]
     (error,) = _error_lines(stopped.stderr)
     assert "training stopped before the update of step 4: the loss and the log-probs are not finite" in error
@@ -109,7 +112,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoints(tiny_
     assert json.loads((work / UNHEALTHY_MARKER).read_text())["step"] == 4
 
     # The same command again is refused instead of resuming into the same failure.
-    again = _train(tiny_run, work, "--set", "train.save_interval=1", max_steps=6)
+    again = _train(tiny_run, work, *settings, max_steps=6)
     assert again.returncode == EXIT_UNHEALTHY
     (error,) = _error_lines(again.stderr)
     assert "an earlier run" in error and "step 4" in error and UNHEALTHY_MARKER in error
@@ -118,7 +121,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoints(tiny_
     # With the cause fixed and the record removed, the kept checkpoint loads and training resumes from it.
     (work / "opponent_logps.json").write_text(good_table)
     (work / UNHEALTHY_MARKER).unlink()
-    resumed = _train(tiny_run, work, "--set", "train.save_interval=1", max_steps=5)
+    resumed = _train(tiny_run, work, *settings, max_steps=5)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and "step_000003" in resumed.stderr
     rows = read_metrics(work)
