@@ -89,6 +89,11 @@ class DataConfig:
     # one; null: none), and BOS: "auto" adds the tokenizer's BOS when the template does not write it.
     system_prompt: Optional[str] = None
     add_bos: Literal["auto", "never"] = "auto"
+    # Sequence packing (data/packing.py, docs/packing.md): each micro-batch is one row of many pairs'
+    # sequences, at most pack_tokens tokens, attention kept within each sequence; no FLOP goes to padding.
+    # null pack_tokens: 2 x train.micro_batch_size x max_length (a padded micro-batch at the length limit).
+    packing: bool = False
+    pack_tokens: Optional[int] = None
 
 
 @dataclass
@@ -372,6 +377,7 @@ def validate(cfg: SpinConfig) -> None:
         raise ConfigError("train.collapse_bound must be positive (nats per token)")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
+    _validate_packing(cfg.data)
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
     if cfg.iterations.num_iterations < 1:
@@ -382,6 +388,21 @@ def validate(cfg: SpinConfig) -> None:
     if m.hf_config is None:
         if m.num_attention_heads % m.num_query_groups:
             raise ConfigError("model.num_attention_heads must be a multiple of model.num_query_groups")
+
+
+def _validate_packing(d: DataConfig) -> None:
+    if not d.packing or d.pack_tokens is None:
+        return  # the default row (2 x micro_batch_size x max_length) always holds a whole pair
+    if d.pack_tokens < d.max_length:
+        raise ConfigError(
+            f"data.pack_tokens ({d.pack_tokens}) is smaller than data.max_length ({d.max_length}): a packed row "
+            "must hold at least one whole sequence"
+        )
+    if d.pack_tokens < 2 * (d.max_prompt_length + 1):
+        raise ConfigError(
+            f"data.pack_tokens ({d.pack_tokens}) cannot hold both sequences of a pair with the longest prompt: "
+            f"it must be at least 2 x (data.max_prompt_length + 1) = {2 * (d.max_prompt_length + 1)}"
+        )
 
 
 def per_iteration(values: list, iteration: int):

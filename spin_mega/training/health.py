@@ -27,12 +27,15 @@ from typing import Callable, Optional
 
 from spin_mega.errors import TrainingUnhealthy
 from spin_mega.io import atomic_write_json
+from spin_mega.training.first_step import FirstStepCheck
 
 UNHEALTHY_MARKER = "unhealthy.json"
 EXIT_UNHEALTHY = TrainingUnhealthy.exit_code
 
 # The order of the agreed vector; the non-finite flags are counts of ranks that saw them.
 _LOSS_BAD, _LOGPS_BAD, _GRAD_BAD, _CHOSEN_DELTA, _CHOSEN_TOKENS, _REJECTED_DELTA, _REJECTED_TOKENS = range(7)
+# Sums over the step's pairs for the first-step check (training/first_step.py).
+_LOSS_SUM, _PAIRS, _REWARD_ABS, _LOGP_ABS = range(7, 11)
 _WHAT = {_LOSS_BAD: "the loss", _LOGPS_BAD: "the log-probs", _GRAD_BAD: "the gradient norm"}
 
 
@@ -71,6 +74,7 @@ class StepHealth:
     rejected_change: Optional[float]
     collapsed: bool  # chosen_change below -bound
     stop_cause: Optional[str] = None  # a sentence fragment; set when the run must stop at this step
+    advice: Optional[str] = None  # what to try, when the default (a lower learning rate) does not fit the cause
 
     def metrics(self) -> dict:
         """The columns this adds to the step's metrics row."""
@@ -92,6 +96,7 @@ class HealthGuard:
     log: Callable[[str], None] = print
     first_collapse: Optional[dict] = None
     lowest_chosen_change: Optional[float] = None
+    first_step: Optional[FirstStepCheck] = None  # checked at step 1 (a run that starts the iteration)
 
     def step(self, optimizer, outputs: list, device, step: int) -> StepHealth:
         """Replaces `optimizer.step()` for optimizer step number `step` (1-based). Collective over all ranks.
@@ -104,7 +109,7 @@ class HealthGuard:
 
         from spin_mega.training.forward import STAT_NAMES
 
-        vector = torch.zeros(7, dtype=torch.float64, device=device)
+        vector = torch.zeros(11, dtype=torch.float64, device=device)
         if outputs:
             # Tensor operations only: one host synchronisation for the whole check, at the all-reduce.
             stats = torch.stack([out["stats"] for out in outputs]).to(device, torch.float64)
@@ -116,6 +121,10 @@ class HealthGuard:
             vector[_CHOSEN_TOKENS] = col["chosen_tokens"].sum()
             vector[_REJECTED_DELTA] = col["reward_rejected"].sum() / self.beta
             vector[_REJECTED_TOKENS] = col["rejected_tokens"].sum()
+            vector[_LOSS_SUM] = col["loss"].sum()
+            vector[_PAIRS] = col["pairs"].sum()
+            vector[_REWARD_ABS] = col["reward_abs"].sum()
+            vector[_LOGP_ABS] = -(col["logp_chosen"].sum() + col["logp_rejected"].sum())
         # Only the fp16 loss scaler reports overflows here; a non-finite norm catches the rest.
         scaler_overflow = optimizer.prepare_grads()
         grad_norm = float(optimizer.get_grad_norm())
@@ -137,7 +146,12 @@ class HealthGuard:
         if non_finite:
             values = non_finite[0] if len(non_finite) == 1 else ", ".join(non_finite[:-1]) + " and " + non_finite[-1]
             health.stop_cause = f"{values} {'is' if len(non_finite) == 1 else 'are'} not finite (NaN or inf)"
-        elif collapsed:
+        elif step == 1 and self.first_step is not None and agreed[_PAIRS] > 0:
+            pairs = agreed[_PAIRS]
+            cause = self.first_step.problem(agreed[_LOSS_SUM] / pairs, agreed[_REWARD_ABS] / pairs, agreed[_LOGP_ABS] / pairs)
+            if cause is not None:
+                health.stop_cause, health.advice = cause, self.first_step.advice()
+        if not non_finite and health.stop_cause is None and collapsed:
             self._note_collapse(step, chosen, rejected)
             if self.stop_on_collapse:
                 health.stop_cause = (
@@ -204,13 +218,15 @@ def stop_message(record: dict) -> str:
     )
 
 
-def record_stop(workdir: Path, step: int, cause: str, last_good: str, lr: float, clip_grad: float) -> dict:
+def record_stop(
+    workdir: Path, step: int, cause: str, last_good: str, lr: float, clip_grad: float, advice: Optional[str] = None
+) -> dict:
     """Writes WORKDIR/unhealthy.json (call on one rank) and returns its content."""
     record = {
         "step": step,
         "cause": cause,
         "last_good": last_good,
-        "advice": (
+        "advice": advice or (
             f"try a lower optim.lr (it is {lr:g})"
             + ("" if clip_grad > 0 else " with optim.clip_grad > 0")
             + " in a new --workdir"

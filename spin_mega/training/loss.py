@@ -8,10 +8,13 @@ with pi = log p_theta(y|x) and opp = log p_theta_t(y|x) summed over response tok
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from spin_mega.config import LossConfig
 
 
 @dataclass
@@ -52,3 +55,12 @@ def spin_loss(
         reward_chosen=(beta * chosen_ratio).detach(),
         reward_rejected=(beta * rejected_ratio).detach(),
     )
+
+
+def first_step_loss(loss: LossConfig) -> float:
+    """The configured loss when the policy equals the opponent (every reward 0), as at the first step of
+    every iteration: l(0). The health guard checks the first step against it."""
+    closed_forms = {"logistic": math.log(2.0), "hinge": 1.0}
+    if loss.loss_type not in closed_forms:
+        raise ValueError(f"no closed form for the first step of the {loss.loss_type!r} loss")
+    return closed_forms[loss.loss_type]
