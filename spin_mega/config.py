@@ -92,7 +92,9 @@ class DataConfig:
     # Sequence packing (data/packing.py, docs/packing.md): each micro-batch is one row of many pairs'
     # sequences, at most pack_tokens tokens, attention kept within each sequence; no FLOP goes to padding.
     # null pack_tokens: 2 x train.micro_batch_size x max_length (a padded micro-batch at the length limit).
-    packing: bool = False
+    # On by default: same losses as padding, no FLOPs on padding (docs/packing.md); false: one padded row
+    # per sequence.
+    packing: bool = True
     pack_tokens: Optional[int] = None
 
 

@@ -106,10 +106,10 @@ def _per_segment(query, key, value, boundaries: tuple[int, ...], scale: float) -
     gqa = key.shape[1] != query.shape[1]
     outs = []
     for start, stop in zip(boundaries[:-1], boundaries[1:]):
-        q = query[start:stop].transpose(0, 1)  # [heads, s, d]
-        k = key[start:stop].transpose(0, 1)
-        v = value[start:stop].transpose(0, 1)
-        outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa).transpose(0, 1))
+        # [1, heads, s, d]: SDPA's fused CPU kernel takes 4-D inputs only (3-D falls back to the math path).
+        q, k, v = (x[start:stop].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        outs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outs, dim=0)
 
 

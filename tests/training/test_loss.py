@@ -55,3 +55,14 @@ def test_large_margins_do_not_overflow():
     big = torch.tensor([1e4])
     out = spin_loss(-big, big, big, -big, beta=1.0)
     assert torch.isfinite(out.loss) and out.loss.item() > 1e4
+
+
+@pytest.mark.parametrize("loss_type, closed_form", [("logistic", math.log(2.0)), ("hinge", 1.0)])
+def test_first_step_loss_is_the_loss_at_zero_margin(loss_type, closed_form):
+    """At the first step of an iteration the policy is the opponent: every reward is 0 and the loss is l(0)."""
+    from spin_mega.config import LossConfig
+    from spin_mega.training.loss import first_step_loss
+
+    zeros = torch.full((4,), -123.0)
+    at_zero = spin_loss(zeros, zeros - 7.0, zeros, zeros - 7.0, beta=0.1, loss_type=loss_type).loss.item()
+    assert first_step_loss(LossConfig(loss_type=loss_type)) == closed_form == pytest.approx(at_zero, abs=1e-7)

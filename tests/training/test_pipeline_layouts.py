@@ -113,9 +113,11 @@ def test_interleaved_and_uneven_pipelines_match_one_process_and_reshard(six_laye
     resumes at PP 2 over [5, 1] (selective recompute, fused opponent) for a third step with PP 1's loss and
     final weights, and at PP 2 x VPP 2 over [2, 4] with a fused opponent per chunk, with PP 1's loss. Covers:
     uneven splits with and without interleaving, the interleaved opponent precompute and fused opponent,
-    recompute modes, and checkpoints (model and optimizer) loaded at another layout."""
+    recompute modes, and checkpoints (model and optimizer) loaded at another layout. PP 1 pads its
+    micro-batches and the pipelines pack theirs (the default), so each comparison is also packed against
+    padded, the interleaved schedule's one length per step included."""
     base = tmp_path / "pp1"
-    _train(six_layers, base, nproc=1, max_steps=3)
+    _train(six_layers, base, "--set", "data.packing=false", nproc=1, max_steps=3)
     reference = read_metrics(base)
 
     interleaved = tmp_path / "pp2_vpp2"
