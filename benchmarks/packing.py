@@ -6,7 +6,7 @@
 One `Trainer` (the product path: Megatron-core, the data pipeline, the optimizer) is set up once; every
 optimizer step's global batch is then trained twice, once in padded micro-batches (the length-bucketed
 sampler: `train.micro_batch_size` pairs per micro-batch, each row padded to the micro-batch's longest
-sequence) and once packed (data/packing.py: the same pairs in rows of at most `data.pack_tokens` tokens),
+sequence; `--length-buckets 1` makes it plain random batching, as trainers without length grouping do) and once packed (data/packing.py: the same pairs in rows of at most `data.pack_tokens` tokens),
 in alternating order so that a drift in the machine's load falls on both. A step is zeroed gradients,
 forward and backward over the step's micro-batches and the optimizer update. The first `--warmup` steps
 are dropped; the report gives median step times, real tokens per second (padding excluded, the same
@@ -120,6 +120,8 @@ def run(args) -> dict:
             micro_batch_size=args.micro_batch, global_batch_size=args.global_batch, epochs=1, seed=args.seed,
             precision="bf16" if gpu else "fp32", save_checkpoints=False, opponent="precompute",
         )
+        if args.length_buckets is not None:
+            config["train"]["length_buckets"] = args.length_buckets
         config["optim"].update(lr=1e-6, warmup_ratio=0.0)
         cfg = config_from_dict(config)
         trainer = Trainer(cfg, root / "work")
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=4, help="pairs per padded micro-batch")
     parser.add_argument("--pack-tokens", type=int, default=None, help="data.pack_tokens (default: 2 x micro-batch x max_length)")
+    parser.add_argument("--length-buckets", type=int, default=None,
+                        help="train.length_buckets of the padded baseline (default: the trainer's; 1 is random batching)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/packing_<cpu|gpu>.json")
     args = parser.parse_args(argv)
