@@ -56,7 +56,8 @@ def pack(sizes: Sequence[int] | np.ndarray, capacity: int, multiple: int = 1) ->
     """Positions of `sizes` grouped into rows of at most `capacity`, the row count a multiple of
     `multiple` (the interleaved pipeline schedule runs micro-batches in groups of PP) and at most
     len(sizes). First-fit decreasing gives the row count; the items are then dealt longest first onto the
-    least-filled row that has room, which evens the rows. Deterministic; rows longest first."""
+    least-filled row that has room, which evens the rows (where that deal misses a fit first-fit found,
+    first-fit's rows are kept). Deterministic; rows longest first."""
     sizes = np.asarray(sizes, dtype=np.int64)
     if len(sizes) == 0:
         return []
@@ -66,22 +67,28 @@ def pack(sizes: Sequence[int] | np.ndarray, capacity: int, multiple: int = 1) ->
             "the tokenizer cuts pairs to fit, so this data was tokenized with another pack_tokens"
         )
     order = np.argsort(-sizes, kind="stable")
+    first_fit: list[list[int]] = []
     free: list[int] = []
     for i in order:
         for row, room in enumerate(free):
             if sizes[i] <= room:
                 free[row] -= sizes[i]
+                first_fit[row].append(int(i))
                 break
         else:
             free.append(capacity - int(sizes[i]))
+            first_fit.append([int(i)])
     rows = -(-len(free) // multiple) * multiple
     if rows > len(sizes):
         raise DataError(f"{len(sizes)} pairs cannot fill {rows} packed micro-batches (a multiple of {multiple})")
-    while True:
-        dealt = _deal(sizes, order, capacity, rows)
-        if dealt is not None:
-            return sorted(dealt, key=lambda r: (-int(sizes[r].sum()), r[0]))
-        rows += multiple  # the even deal missed a fit first-fit found: one more group of rows
+    dealt = _deal(sizes, order, capacity, rows)
+    if dealt is None:
+        # The even deal missed a fit that first-fit found: first-fit's rows, split up to the multiple.
+        dealt = first_fit
+        while len(dealt) < rows:
+            fullest = max(dealt, key=len)  # some row holds two items: there are at least `rows` items
+            dealt.append([fullest.pop()])
+    return sorted(dealt, key=lambda r: (-int(sizes[r].sum()), r[0]))
 
 
 def _deal(sizes: np.ndarray, order: np.ndarray, capacity: int, rows: int) -> Optional[list[list[int]]]:

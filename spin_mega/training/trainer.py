@@ -27,8 +27,8 @@ from spin_mega.io import atomic_write_json
 from spin_mega.models import checkpoint as model_ckpt
 from spin_mega.models.chunks import build_model_chunks
 from spin_mega.models.gpt import have_transformer_engine, padded_vocab_size, transformer_config
-from spin_mega.models.packed_attention import choose_backend
 from spin_mega.models.hf_config import resolve_model_config
+from spin_mega.models.packed_attention import choose_backend
 from spin_mega.parallel import distributed
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health

@@ -61,6 +61,13 @@ def test_pack_evens_the_rows_and_is_deterministic():
     assert pack(sizes, 4096) == rows
 
 
+def test_pack_keeps_first_fit_rows_where_the_even_deal_misses_a_fit():
+    # First-fit decreasing: [5, 5] and [4, 3, 3]; dealt onto the least-filled of 2 rows, the last 3 fits neither.
+    assert pack([5, 5, 4, 3, 3], 10) == [[0, 1], [2, 3, 4]]
+    rows = pack([5, 5, 4, 3, 3], 10, multiple=4)  # first-fit's 2 rows split up to 4
+    assert len(rows) == 4 and sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
+
+
 def test_pack_refuses_an_item_over_capacity():
     with pytest.raises(DataError, match="does not fit a packed row of data.pack_tokens=100"):
         pack([50, 101], 100)
