@@ -171,7 +171,7 @@ def packing_step(smoke: bool, steps_dir: Path) -> tuple[str, list[str], int]:
     256), 32 pairs a step, 4 timed steps per layout after 2 of warm-up, in 90 s."""
     script = [sys.executable, str(BENCH / "packing.py"), "--json", str(steps_dir / "packing.json")]
     if smoke:
-        return "packing", script + ["--shape", "tiny", "--scale", "8", "--steps", "1", "--warmup", "0",
+        return "packing", script + ["--shape", "tiny", "--scale", "8", "--steps", "1", "--warmup", "1",
                                     "--global-batch", "8", "--micro-batch", "2"], 480
     return "packing", script + ["--shape", "1b", "--scale", "1", "--steps", "4", "--warmup", "2",
                                 "--global-batch", "32", "--micro-batch", "2"], 90
