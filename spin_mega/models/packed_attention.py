@@ -120,7 +120,7 @@ def _varlen_parameters() -> frozenset:
 
 def _torch_varlen_call(query, key, value, params: SpinPackedSeqParams, scale: float) -> torch.Tensor:
     """varlen_attn's signature changed across torch versions: 2.10 takes `is_causal=` and neither a scale
-    nor GQA; 2.11 takes keyword-only `scale=` and causality as `window_size=(-1, 0)`; 2.12 adds
+    nor GQA; later ones keyword-only `scale=` and causality as `window_size=(-1, 0)`; 2.12 adds
     `enable_gqa=`. Read it once and call what this torch offers."""
     names = _varlen_parameters()
     kwargs = {}

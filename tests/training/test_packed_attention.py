@@ -71,8 +71,9 @@ def _varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ca
     return torch.cat(outs).to(query.dtype)
 
 
-# torch 2.11's signature, transcribed from torch/nn/attention/varlen.py of that release (the GPU image's
-# torch): keyword-only scale and window_size, causality as window_size == (-1, 0), no enable_gqa.
+# The signature between torch 2.10 (`is_causal=`) and 2.12 (`enable_gqa=` added), transcribed from
+# pytorch/pytorch's torch/nn/attention/varlen.py at commit 255ac567: keyword-only scale and window_size,
+# causality as window_size == (-1, 0), no enable_gqa. The GPU image's torch 2.11 has this form or 2.12's.
 def _varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
     raise NotImplementedError
 
