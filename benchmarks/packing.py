@@ -164,7 +164,9 @@ def run(args) -> dict:
             "micro_batches_per_step": statistics.mean(t["micro_batches"]),
             "step_seconds": [round(s, 4) for s in t["seconds"]],
         }
-    stats = lambda a: {"mean": float(np.mean(a)), "p50": float(np.median(a)), "p90": float(np.percentile(a, 90)), "max": int(np.max(a))}  # noqa: E731
+
+    def stats(a) -> dict:
+        return {"mean": float(np.mean(a)), "p50": float(np.median(a)), "p90": float(np.percentile(a, 90)), "max": int(np.max(a))}
     from spin_mega.data.packing import resolve_pack_tokens
 
     return {

@@ -187,7 +187,8 @@ def test_a_pair_longer_than_the_row_is_cut_and_counted_never_dropped(tmp_path, w
     assert stats == TokenizeStats(rows_in=2, rows_kept=2, cut_to_pack_tokens=1)
     assert "cut 1 pairs to fit data.pack_tokens" in stats.summary()
     assert pair_tokens(out).tolist()[0] == 80 and pair_tokens(out).tolist()[1] < 80
-    unpacked, _ = tokenize_pairs(load_rows(write_jsonl(tmp_path / "r.jsonl", rows)), tiny_tokenizer, DataConfig(max_prompt_length=16, max_length=80))
+    unpacked_cfg = DataConfig(max_prompt_length=16, max_length=80, packing=False)
+    unpacked, _ = tokenize_pairs(load_rows(write_jsonl(tmp_path / "r.jsonl", rows)), tiny_tokenizer, unpacked_cfg)
     assert out[1] == unpacked[1]  # a pair that fits is untouched
     for side in ("chosen_ids", "rejected_ids"):  # the cut keeps each response's beginning
         assert unpacked[0][side][: len(out[0][side])] == out[0][side]

@@ -49,7 +49,8 @@ def test_backends_keep_each_sequence_to_itself(backend):
     out = pa.packed_attention(q.float(), k.float(), v.float(), params, scale, backend)
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
     # A leak would show here: the same stream attended without boundaries is far from it.
-    leaked = pa.packed_attention(q.float(), k.float(), v.float(), pa.packed_seq_params([0, cu[-1]], torch.device("cpu"), backend), scale, backend)
+    one_sequence = pa.packed_seq_params([0, cu[-1]], torch.device("cpu"), backend)
+    leaked = pa.packed_attention(q.float(), k.float(), v.float(), one_sequence, scale, backend)
     assert (leaked.double() - expected).abs().max() > 0.1
 
 
