@@ -80,6 +80,19 @@ def _check_packed_equals_padded(rank: int, tp: int) -> None:
         assert packed_grads.keys() == padded_grads.keys()
         for name, grad in padded_grads.items():
             torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{what}: d {name}")
+    # Rotary positions restart at every sequence: megatron's RoPE, given the packed row's parameters, rotates
+    # each sequence's queries as it rotates that sequence alone from position 0. (Attention within a sequence
+    # only sees position differences, so the sums above cannot tell; this can.)
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    head_dim = MODEL["head_dim"]
+    stream = torch.randn(packed["input_ids"].shape[1], 2, head_dim, generator=torch.Generator().manual_seed(5))
+    freqs = model.rotary_pos_emb(params.max_seqlen_q, packed_seq=True)
+    rotated = apply_rotary_pos_emb(stream, freqs, model.config, cu_seqlens=params.cu_seqlens_q)
+    bounds = packed["cu_seqlens"]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        alone = apply_rotary_pos_emb(stream[start:stop].unsqueeze(1), freqs[: stop - start], model.config).squeeze(1)
+        torch.testing.assert_close(rotated[start:stop], alone, rtol=0, atol=0, msg=f"RoPE of [{start}, {stop}) tp={tp}")
     # Every implementation agrees with the float64 reference on the packed row.
     for impl in IMPLS:
         torch.testing.assert_close(results[impl, "packed"][0], results["reference", "packed"][0], rtol=1e-5, atol=1e-5)
