@@ -134,7 +134,7 @@ def run(args) -> dict:
                          for k, c in (("prompt", "prompt_ids"), ("chosen", "chosen_ids"), ("rejected", "rejected_ids"))}
             # The opponent's log-probs only enter the loss's arithmetic: zeros time the same work.
             opponent = {"chosen": [0.0] * len(trainer.dataset), "rejected": [0.0] * len(trainer.dataset)}
-            forward_step = make_forward_step(cfg.loss.beta, cfg.loss.loss_type, fused=False)
+            forward_step = make_forward_step(cfg.loss, fused=False)
             modes = ("padded", "packed")
             timed = {m: {"seconds": [], "cpu_seconds": [], "real_tokens": 0, "stream_tokens": 0, "micro_batches": []} for m in modes}
             for step in range(args.warmup + args.steps):

@@ -100,8 +100,18 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    """The preference loss (training/loss.py; formulas, closed forms and the keys that combine in
+    docs/losses.md)."""
+
     beta: float = 0.1
-    loss_type: Literal["logistic", "hinge"] = "logistic"
+    # logistic and hinge: the SPIN paper's; ipo: squared distance of the per-token-mean log-ratio margin
+    # from 1/(2 beta); robust: the logistic loss corrected for a fraction label_smoothing of flipped pairs.
+    loss_type: Literal["logistic", "hinge", "ipo", "robust"] = "logistic"
+    # The fraction of pairs assumed mislabelled, in [0, 0.5): logistic smooths towards it (conservative DPO),
+    # robust corrects for it; hinge and ipo take none.
+    label_smoothing: float = 0.0
+    # Adds this times the policy's negative log-likelihood per token of the human (chosen) response.
+    sft_weight: float = 0.0
 
 
 @dataclass
@@ -197,6 +207,25 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    # off, offline (run files under WORKDIR/wandb, `wandb sync` them later; no network) or online.
+    mode: Literal["off", "offline", "online"] = "off"
+    project: str = "spin-mega"
+    # This run's name (default: the work directory's name). `spin-mega run` names each iteration's training
+    # NAME/iter_T and sets group to NAME, so the iterations of one loop appear together.
+    name: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment trackers fed with every scalar of metrics.jsonl (training/trackers.py, docs/tracking.md)."""
+
+    tensorboard: bool = False  # event files under WORKDIR/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class SpinConfig:
     start_model: Optional[str] = None  # HF model directory, or a Megatron checkpoint written by spin-mega
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -208,6 +237,7 @@ class SpinConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     iterations: IterationConfig = field(default_factory=IterationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -361,35 +391,168 @@ def dump_config(cfg: SpinConfig, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: above `low` (or at it, unless `low_open`), below `high` (or at
+    it, unless `high_open`), and always finite."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if value != value or value in (float("inf"), float("-inf")):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is None:
+            if self.low == 0:
+                return "positive" if self.low_open else "0 or more"
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+SHARE = Range(0, 1, low_open=True)  # (0, 1]
+
+# The valid range of every numeric key (None values of optional keys are always allowed; every entry of a
+# list key is checked). tests/training/test_config.py fails when a numeric key is missing here.
+NUMERIC_RANGES: dict[str, Range] = {
+    "model.vocab_size": AT_LEAST_1,
+    "model.hidden_size": AT_LEAST_1,
+    "model.ffn_hidden_size": AT_LEAST_1,
+    "model.num_layers": AT_LEAST_1,
+    "model.num_attention_heads": AT_LEAST_1,
+    "model.num_query_groups": AT_LEAST_1,
+    "model.head_dim": AT_LEAST_1,
+    "model.max_position_embeddings": AT_LEAST_1,
+    "model.rope_theta": POSITIVE,
+    "model.rms_norm_eps": POSITIVE,
+    "model.sliding_window": AT_LEAST_1,
+    "model.init_std": POSITIVE,
+    "parallel.tensor_parallel": AT_LEAST_1,
+    "parallel.pipeline_parallel": AT_LEAST_1,
+    "parallel.virtual_pipeline_parallel": AT_LEAST_1,
+    "parallel.first_stage_layers": AT_LEAST_1,
+    "parallel.last_stage_layers": AT_LEAST_1,
+    "data.max_prompt_length": AT_LEAST_1,
+    "data.max_length": Range(2),
+    "data.max_samples": AT_LEAST_1,
+    "data.shuffle_seed": NON_NEGATIVE,  # numpy's generators refuse negative seeds
+    "data.pack_tokens": AT_LEAST_1,  # and at least data.max_length when packing (_validate_packing)
+    "loss.beta": POSITIVE,
+    "loss.label_smoothing": Range(0, 0.5, high_open=True),  # the fraction of pairs assumed mislabelled
+    "loss.sft_weight": NON_NEGATIVE,
+    "optim.lr": POSITIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.adam_beta1": FRACTION,
+    "optim.adam_beta2": FRACTION,
+    "optim.eps": NON_NEGATIVE,
+    "optim.rmsprop_alpha": FRACTION,
+    "optim.warmup_ratio": FRACTION,
+    "optim.clip_grad": NON_NEGATIVE,  # 0: no clipping
+    "train.micro_batch_size": AT_LEAST_1,
+    "train.global_batch_size": AT_LEAST_1,
+    "train.epochs": POSITIVE,
+    "train.max_steps": AT_LEAST_1,
+    "train.seed": NON_NEGATIVE,
+    "train.save_interval": NON_NEGATIVE,  # 0: only at the end
+    "train.log_interval": AT_LEAST_1,
+    "train.length_buckets": AT_LEAST_1,
+    "train.collapse_bound": POSITIVE,
+    "train.peak_tflops": POSITIVE,
+    "generation.temperature": NON_NEGATIVE,  # 0: greedy
+    "generation.top_p": SHARE,
+    "generation.max_new_tokens": AT_LEAST_1,
+    "generation.seed": NON_NEGATIVE,
+    "generation.tensor_parallel_size": AT_LEAST_1,
+    "generation.gpu_memory_utilization": SHARE,
+    "generation.batch_size": AT_LEAST_1,
+    "generation.engines": NON_NEGATIVE,  # 0: one per tensor_parallel_size GPUs
+    "iterations.num_iterations": AT_LEAST_1,
+    "iterations.lr": POSITIVE,
+    "iterations.beta": POSITIVE,
+    "iterations.mix_previous_iterations": NON_NEGATIVE,
+    "iterations.num_prompts": AT_LEAST_1,
+    "eval.max_samples": AT_LEAST_1,
+    "eval.max_new_tokens": AT_LEAST_1,
+    "eval.lm_eval_batch_size": AT_LEAST_1,
+    "eval.lm_eval_limit": AT_LEAST_1,
+}
+
+
+def _refuse(key: str, value: Any, requirement: str) -> ConfigError:
+    return ConfigError(f"{key} is {value!r} but must be {requirement}; set it in the config file or with --set {key}=VALUE")
+
+
+def _check_ranges(cfg: SpinConfig) -> None:
+    for key, valid in NUMERIC_RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, list):
+            if not value:
+                raise _refuse(key, value, "a list of at least one value (the last entry repeats)")
+            for i, entry in enumerate(value):
+                if not valid.holds(entry):
+                    raise _refuse(f"{key}[{i}]", entry, valid.describe())
+        elif value is not None and not valid.holds(value):
+            raise _refuse(key, value, valid.describe())
+
+
 def validate(cfg: SpinConfig) -> None:
-    """Consistency checks that span several keys."""
-    t, p = cfg.train, cfg.parallel
-    if t.micro_batch_size < 1:
-        raise ConfigError("train.micro_batch_size must be at least 1")
+    """Every numeric key within its range (NUMERIC_RANGES), then the checks that span several keys."""
+    _check_ranges(cfg)
+    t, p, o = cfg.train, cfg.parallel, cfg.optim
     if t.global_batch_size < t.micro_batch_size:
         raise ConfigError("train.global_batch_size must be at least train.micro_batch_size")
-    if p.tensor_parallel < 1 or p.pipeline_parallel < 1:
-        raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be at least 1")
     from spin_mega.parallel.layout import check_virtual_pipeline
 
     check_virtual_pipeline(p.pipeline_parallel, p.virtual_pipeline_parallel)
-    if cfg.loss.beta <= 0:
-        raise ConfigError("loss.beta must be positive")
-    if not t.collapse_bound > 0:
-        raise ConfigError("train.collapse_bound must be positive (nats per token)")
+    if o.min_lr > o.lr:
+        raise ConfigError(
+            f"optim.min_lr ({o.min_lr:g}) is above optim.lr ({o.lr:g}), so the schedule would decay upwards; "
+            "lower optim.min_lr or raise optim.lr"
+        )
+    _validate_loss(cfg.loss)
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
     _validate_packing(cfg.data)
-    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
-        raise ConfigError("optim.warmup_ratio must be in [0, 1)")
-    if cfg.iterations.num_iterations < 1:
-        raise ConfigError("iterations.num_iterations must be at least 1")
-    if not cfg.iterations.lr or not cfg.iterations.beta:
-        raise ConfigError("iterations.lr and iterations.beta need at least one entry")
     m = cfg.model
     if m.hf_config is None:
         if m.num_attention_heads % m.num_query_groups:
             raise ConfigError("model.num_attention_heads must be a multiple of model.num_query_groups")
+
+
+def validate_run(cfg: SpinConfig) -> None:
+    """What `spin-mega run` adds: each iteration trains at optim.lr = iterations.lr[t], which must stay at
+    or above optim.min_lr (checked here, under the key the user sets, not later as optim.lr)."""
+    for i, lr in enumerate(cfg.iterations.lr):
+        if cfg.optim.min_lr > lr:
+            raise ConfigError(
+                f"iterations.lr[{i}] ({lr:g}) is below optim.min_lr ({cfg.optim.min_lr:g}), so that iteration's "
+                "schedule would decay upwards; lower optim.min_lr or raise iterations.lr"
+            )
+
+
+def _validate_loss(loss: LossConfig) -> None:
+    if loss.label_smoothing and loss.loss_type in ("hinge", "ipo"):
+        raise ConfigError(
+            f"loss.label_smoothing applies to the logistic and robust losses only; the {loss.loss_type} loss has "
+            "no smoothed form, so set loss.label_smoothing to 0"
+        )
+    if loss.loss_type == "robust" and not loss.label_smoothing:
+        raise ConfigError(
+            "loss.loss_type robust needs loss.label_smoothing in (0, 0.5); with 0 it is the logistic loss, so use logistic"
+        )
 
 
 def _validate_packing(d: DataConfig) -> None:

@@ -1,15 +1,21 @@
 """Crash-safe file output: everything is written under a temporary name in the same directory and renamed
-into place, so a reader never sees a half-written file and a good old file survives a failed write."""
+into place, so a reader never sees a half-written file and a good old file survives a failed write.
+
+Appended JSONL files (metrics.jsonl, partial generations) are the exception, and the project's one JSONL
+reader, `read_jsonl` / `scan_jsonl`, tolerates exactly what an interrupted append leaves: a half-written
+last line."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 def _default_file_mode() -> int:
@@ -69,14 +75,66 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    rows = []
-    with open(path) as handle:
-        for line in handle:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
-    return rows
+@dataclasses.dataclass
+class JsonlContents:
+    rows: list[dict]
+    line_numbers: list[int]  # of each row, counting from 1
+    valid_bytes: int  # the file's length up to the end of the last row kept (and its newline)
+    torn_line: Optional[int]  # number of a half-written last line that was left out
+
+
+def scan_jsonl(path: str | Path, fix: str = "repair or delete that line") -> JsonlContents:
+    """The rows of a JSONL file, one JSON object per line, blank lines skipped. A last line that is not
+    UTF-8 JSON is what a writer interrupted mid-line leaves: it is left out (`torn_line`). Such a line
+    anywhere else, or a line holding something other than an object, raises a DataError naming the file
+    and line and ending in `fix`."""
+    from spin_mega.errors import DataError
+
+    rows, numbers = [], []
+    valid_bytes = offset = 0
+    bad: Optional[tuple[int, str]] = None  # a line that did not parse: an error unless nothing follows it
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            if bad is not None:
+                raise DataError(
+                    f"{path} line {bad[0]} {bad[1]}, and lines follow it, so it is not what an interrupted write "
+                    f"leaves: {fix}"
+                )
+            try:
+                row = json.loads(raw.decode("utf-8").rstrip())
+            except UnicodeDecodeError as exc:
+                bad = (number, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte offset {start + exc.start})")
+                continue
+            except json.JSONDecodeError as exc:
+                bad = (number, f"is not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number} holds a JSON {type(row).__name__}, not an object: {fix}")
+            rows.append(row)
+            numbers.append(number)
+            valid_bytes = offset
+    return JsonlContents(rows, numbers, valid_bytes, bad[0] if bad is not None else None)
+
+
+_torn_warned: set[tuple[str, int]] = set()
+
+
+def read_jsonl(path: str | Path, fix: str = "repair or delete that line") -> list[dict]:
+    """The rows of a JSONL file (see scan_jsonl); a half-written last line is left out with a warning on
+    stderr, given once per process."""
+    contents = scan_jsonl(path, fix)
+    if contents.torn_line is not None and (str(path), contents.torn_line) not in _torn_warned:
+        _torn_warned.add((str(path), contents.torn_line))
+        print(
+            f"spin-mega: warning: left out the half-written last line ({contents.torn_line}) of {path}, "
+            "as a write in progress, or one that was interrupted, leaves it",
+            file=sys.stderr,
+            flush=True,
+        )
+    return contents.rows
 
 
 def append_jsonl(path: str | Path, rows) -> None:

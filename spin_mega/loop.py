@@ -194,6 +194,8 @@ class SpinLoop:
         atomic_write_text(it_dir / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     def _train(self, t: int, it_dir: Path) -> None:
+        from spin_mega.training.trackers import iteration_overrides
+
         args = [
             "train", str(self.config_path), "--workdir", str(it_dir / "train"),
             "--set", f"start_model={self.mcore_model(t)}",
@@ -201,6 +203,7 @@ class SpinLoop:
             "--set", "data.schema=pairs",
             "--set", f"optim.lr={per_iteration(self.cfg.iterations.lr, t)}",
             "--set", f"loss.beta={per_iteration(self.cfg.iterations.beta, t)}",
+            *iteration_overrides(self.cfg.logging, self.workdir, t),
         ]
         from spin_mega.training.trainer import PREEMPTED_MARKER
 
@@ -240,7 +243,7 @@ class SpinLoop:
 
     def _iteration_summary(self, t: int) -> dict:
         it_dir = self.workdir / f"iter_{t}"
-        metrics = [json.loads(l) for l in (it_dir / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        metrics = read_jsonl(it_dir / "train" / "metrics.jsonl")
         train_summary = it_dir / "train" / "train_summary.json"
         gens = read_jsonl(it_dir / "generations.jsonl")
         last = metrics[-1] if metrics else {}
@@ -334,11 +337,14 @@ class SpinLoop:
 
 def load_run_config(config_path: Optional[str], overrides: list[str], workdir: Path) -> SpinConfig:
     """The config of a run: CONFIG + overrides, or for a resumed run without CONFIG the one saved in WORKDIR."""
-    from spin_mega.config import load_config
+    from spin_mega.config import load_config, validate_run
 
     if config_path is None:
         saved = workdir / "config.yaml"
         if not saved.is_file():
             raise SpinMegaError(f"no config given and {saved} does not exist")
-        return config_from_dict(yaml.safe_load(saved.read_text()), overrides)
-    return load_config(config_path, overrides)
+        cfg = config_from_dict(yaml.safe_load(saved.read_text()), overrides)
+    else:
+        cfg = load_config(config_path, overrides)
+    validate_run(cfg)
+    return cfg

@@ -14,10 +14,10 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from spin_mega.errors import SpinMegaError
-from spin_mega.io import atomic_open, atomic_write_text
+from spin_mega.io import atomic_open, atomic_write_text, read_jsonl
 from spin_mega.report_health import health_sentence, plot_health, read_health
 
 LN2 = math.log(2.0)
@@ -109,27 +109,11 @@ def _number(value) -> Optional[float]:
     return float(value)
 
 
-def _jsonl_rows(path: Path) -> Iterator[dict]:
-    """Rows of a JSONL file being appended to by another process: a torn or garbled line is skipped
-    rather than failing the whole report."""
-    with open(path, errors="replace") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                yield row
-
-
 def _read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     by_step: dict[int, dict] = {}
-    for row in _jsonl_rows(path):
+    for row in read_jsonl(path):
         step = _number(row.get("step"))
         if step is not None:
             by_step[int(step)] = row  # a resumed run may repeat a step; the later line is the kept one
@@ -145,7 +129,7 @@ def _read_lengths(path: Path) -> Optional[Lengths]:
     if not path.is_file():
         return None
     lengths = Lengths()
-    for row in _jsonl_rows(path):
+    for row in read_jsonl(path):
         chosen, rejected = row.get("chosen"), row.get("rejected")
         if not isinstance(chosen, str) or not isinstance(rejected, str):
             continue
@@ -635,13 +619,44 @@ def _unfinished_note(run: RunData) -> Optional[str]:
     return "Unfinished: " + "; ".join(parts) + ". Their numbers above are the latest logged, not final."
 
 
+def _run_config(run: RunData):
+    """The loop's resolved config (WORKDIR/config.yaml), or None where there is none to read."""
+    from spin_mega.config import load_config
+
+    with contextlib.suppress(SpinMegaError):
+        return load_config(run.workdir / "config.yaml") if (run.workdir / "config.yaml").is_file() else None
+    return None
+
+
 def _first_step_note(run: RunData) -> Optional[str]:
-    # At step 1 the policy equals the opponent, so the logistic loss is exactly ln 2: a cheap sanity check.
-    firsts = [(it.t, _number(it.metrics[0].get("loss"))) for it in run.iterations if it.metrics and int(it.metrics[0]["step"]) == 1]
+    # At step 1 the policy equals the opponent, so the loss has a closed form: a cheap sanity check.
+    firsts = [(it.t, it.metrics[0]) for it in run.iterations if it.metrics and int(it.metrics[0]["step"]) == 1]
     if not firsts:
         return None
-    values = ", ".join(f"iteration {t}: {_fmt(loss, 6)}" for t, loss in firsts)
-    return f"First-step loss (ln 2 = {LN2:.6f} expected with the logistic loss): {values}."
+    cfg = _run_config(run)
+    if cfg is None:
+        values = ", ".join(f"iteration {t}: {_fmt(_number(row.get('loss')), 6)}" for t, row in firsts)
+        return f"First-step loss (ln 2 = {LN2:.6f} expected with the logistic loss): {values}."
+    import dataclasses
+
+    from spin_mega.config import per_iteration
+    from spin_mega.training.loss import first_step_loss
+
+    def expected(t: int, row: dict) -> float:
+        loss = dataclasses.replace(cfg.loss, beta=per_iteration(cfg.iterations.beta, t))
+        return first_step_loss(loss, _number(row.get("sft_nll")) or 0.0)
+
+    values = ", ".join(f"iteration {t}: {_fmt(_number(row.get('loss')), 6)} (expected {expected(t, row):.6f})" for t, row in firsts)
+    return f"First-step loss against its closed form for this loss (policy = opponent): {values}."
+
+
+def _loss_note(run: RunData) -> Optional[str]:
+    cfg = _run_config(run)
+    if cfg is None:
+        return None
+    from spin_mega.training.loss import describe
+
+    return f"Loss: {describe(cfg.loss)}; β per iteration {', '.join(f'{b:g}' for b in cfg.iterations.beta)} (the last repeats)."
 
 
 def render_markdown(run: RunData, plots: dict[str, bool]) -> str:
@@ -669,7 +684,7 @@ def render_markdown(run: RunData, plots: dict[str, bool]) -> str:
             else ", from generations.jsonl's meta.num_tokens and meta.chosen_num_tokens."
         ),
     ]
-    for note in (_unfinished_note(run), _first_step_note(run)):
+    for note in (_unfinished_note(run), _loss_note(run), _first_step_note(run)):
         if note:
             lines += ["", note]
     comparison = _comparison_lines(run)

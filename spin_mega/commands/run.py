@@ -41,6 +41,9 @@ def run(args) -> int:
 
     workdir = Path(args.workdir)
     cfg = load_run_config(args.config, args.overrides, workdir)
+    from spin_mega.training.trackers import check as check_trackers
+
+    check_trackers(cfg.logging)  # now, not after the first generation stage
     if args.nproc is not None and args.nproc < 1:
         raise SpinMegaError(f"--nproc must be at least 1, got {args.nproc}")
     granted = os.environ.get("SLURM_GPUS_ON_NODE", "")

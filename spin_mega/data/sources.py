@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from datasets.fingerprint import is_caching_enabled
 
+from spin_mega.data.encoding import check_utf8_file, check_utf8_table
 from spin_mega.errors import DataError
 
 SCHEMAS = ("auto", "ultrachat", "prompt_response", "pairs", "spin")
@@ -132,9 +133,12 @@ def _read_shards(folder: Path, split: Optional[str]) -> datasets.Dataset:
     split = _choose_split(str(folder), sorted(splits), split)
     try:
         # datasets cannot read a shard of zero rows; the count is in each file's footer.
-        if sum(pq.ParquetFile(f).metadata.num_rows for f in splits[split]) == 0:
+        row_files = [(str(f), pq.ParquetFile(f).metadata.num_rows) for f in splits[split]]
+        if sum(rows for _, rows in row_files) == 0:
             raise DataError(f"{folder}:{split} holds no rows")
-        return datasets.Dataset.from_parquet([str(f) for f in splits[split]])
+        ds = datasets.Dataset.from_parquet([str(f) for f in splits[split]])
+        check_utf8_table(ds.data.table, f"{folder}:{split}", row_files)
+        return ds
     except DataError:
         raise
     except Exception as exc:
@@ -157,6 +161,7 @@ def _read_named(name: str, split: Optional[str]) -> datasets.Dataset:
         datasets.config.HF_HUB_OFFLINE = previous
     if isinstance(loaded, datasets.DatasetDict):
         loaded = loaded[_choose_split(name, sorted(loaded), None)]
+    check_utf8_table(loaded.data.table, f"{name}:{split}" if split else name)
     return loaded
 
 
@@ -184,18 +189,24 @@ def _read(path: Path, split: Optional[str] = None) -> datasets.Dataset:
             raise DataError(f"{path} could not be read as a saved dataset: {_cause(exc)}") from None
         if not isinstance(ds, datasets.Dataset):
             raise DataError(f"{path} does not hold a single dataset split")
+        check_utf8_table(ds.data.table, str(path))
         return ds
     kind = _SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json, .parquet or a save_to_disk directory")
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
+    if kind == "json":
+        # pyarrow's JSON reader passes bytes that are not UTF-8 into string columns unchecked.
+        check_utf8_file(path)
     try:
         if kind == "json":
             return datasets.Dataset.from_json(str(path))
-        return datasets.Dataset.from_parquet(str(path))
+        ds = datasets.Dataset.from_parquet(str(path))
     except Exception as exc:
         raise DataError(f"{path} could not be read as {path.suffix[1:].upper()}: {_cause(exc)}") from None
+    check_utf8_table(ds.data.table, str(path))
+    return ds
 
 
 def _cause(exc: BaseException) -> str:

@@ -157,32 +157,33 @@ def prepare_prompts(tokenizer: Any, rows: Sequence[dict], data_config: Optional[
 def _read_partial(path: Path, expected: dict[str, int]) -> dict[str, dict]:
     """Rows already finished in a partial file, by prompt_id. A torn last line (the writer died mid-line)
     is cut off the file so that later appends start on a clean line."""
+    from spin_mega.io import scan_jsonl
+
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    good_end = data.rfind(b"\n") + 1
-    lines = data[:good_end].splitlines()
+    fix = "delete the file to start over"
+    contents = scan_jsonl(path, fix=fix)
     done: dict[str, dict] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pid = row["prompt_id"]
-        except (ValueError, KeyError, TypeError):
-            if number == len(lines):
-                good_end -= len(line) + 1
-                break
-            raise DataError(f"{path} line {number} is not a generation row; delete the file to start over") from None
+    for number, row in zip(contents.line_numbers, contents.rows):
+        pid = row.get("prompt_id")
+        if not isinstance(pid, str):
+            raise DataError(f"{path} line {number} is not a generation row (it has no prompt_id): {fix}")
         if pid not in expected:
             raise DataError(
                 f"{path} holds prompt_id {pid!r}, which is not among this run's prompts: it belongs to another "
                 "run (other data, --num-prompts or sharding); delete it to start over"
             )
         done[pid] = row
-    if good_end < len(data):
-        with open(path, "r+b") as handle:
-            handle.truncate(good_end)
+    keep = contents.valid_bytes
+    with open(path, "r+b") as handle:
+        handle.seek(max(keep - 1, 0))
+        # A last row can be whole with its newline not yet written; appends must start on a line of their own.
+        needs_newline = keep > 0 and handle.read(1) != b"\n"
+        if keep < path.stat().st_size or needs_newline:
+            handle.truncate(keep)
+            handle.seek(keep)
+            if needs_newline:
+                handle.write(b"\n")
             handle.flush()
             os.fsync(handle.fileno())
     return done

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from spin_mega.config import ModelConfig
-from spin_mega.errors import SpinMegaError
+from spin_mega.errors import SpinMegaError, one_line_cause
 
 MODEL_META = "spin_mega_model.json"
 # Written by the HF importer (source config and generation config); carried into every checkpoint trained
@@ -27,6 +27,19 @@ CONVERSION_META = "conversion.json"
 MODEL_SUBDIR = "model"
 TOKENIZER_SUBDIR = "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointUnreadable(SpinMegaError):
+    """A checkpoint's files could not be read back (the message names the file or directory and the cause)."""
+
+
+def checkpoint_errors() -> tuple[type[BaseException], ...]:
+    """What megatron-core's dist_checkpointing raises on a checkpoint it cannot read or write: any Exception,
+    and torch.distributed.checkpoint's CheckpointException, which derives from BaseException only, so that
+    `except Exception` lets it through as a traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
 
 
 def is_model_checkpoint(path: str | Path) -> bool:
@@ -92,6 +105,6 @@ def load_model(model, path: str | Path) -> None:
 
     try:
         loaded = dist_checkpointing.load(sharded_state_dict(model), str(source))
-    except Exception as exc:  # dist_checkpointing raises many types; the user needs the path and the cause
-        raise SpinMegaError(f"cannot load the Megatron checkpoint at {source}: {exc}") from exc
+    except checkpoint_errors() as exc:  # many types, some not Exceptions; the user needs the path and the cause
+        raise CheckpointUnreadable(f"cannot load the Megatron checkpoint at {source}: {one_line_cause(exc)}") from None
     _load_state_dict(model, loaded)

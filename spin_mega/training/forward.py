@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from spin_mega.config import LossConfig
 from spin_mega.models.packed_attention import packed_seq_params
 from spin_mega.training.logprobs import check_label_range, response_rows, sequence_logprobs
 from spin_mega.training.loss import spin_loss
@@ -90,14 +91,20 @@ class PolicyOpponent(torch.nn.Module):
         return torch.cat(outputs, dim=0 if last_stage else 1)
 
 
-def _loss_func(batch: dict, beta: float, loss_type: str, fused: bool, output: torch.Tensor):
+def _loss_func(batch: dict, loss_cfg: LossConfig, fused: bool, output: torch.Tensor):
     n = batch["num_response_tokens"].numel() // 2  # pairs in this micro-batch
     policy = output[: 2 * n]
     if fused:
         opponent = output[2 * n :]
     else:
         opponent = batch["opponent_logps"].to(policy.device)
-    out = spin_loss(policy[:n], policy[n:], opponent[:n], opponent[n:], beta=beta, loss_type=loss_type)
+    # Counted from the labels on the host, so every log-prob path (and under PP the last stage) has them.
+    tokens = batch["num_response_tokens"].to(policy.device, torch.float32)
+    out = spin_loss(
+        policy[:n], policy[n:], opponent[:n], opponent[n:], beta=loss_cfg.beta, loss_type=loss_cfg.loss_type,
+        label_smoothing=loss_cfg.label_smoothing, sft_weight=loss_cfg.sft_weight,
+        chosen_tokens=tokens[:n], rejected_tokens=tokens[n:],
+    )
     # megatron divides each micro-batch's loss by the micro-batch count M; `loss_scale` = n M / P (P: this
     # rank's pairs in the step) turns that into the per-pair mean of the step whatever n each micro-batch
     # holds (packed rows hold different counts; padded ones n = P / M, a scale of exactly 1).
@@ -113,8 +120,9 @@ def _loss_func(batch: dict, beta: float, loss_type: str, fused: bool, output: to
             (out.reward_chosen.abs() + out.reward_rejected.abs()).sum(),
             policy[:n].detach().sum(),
             policy[n:].detach().sum(),
-            batch["num_response_tokens"][:n].sum().to(policy.device, torch.float32),
-            batch["num_response_tokens"][n:].sum().to(policy.device, torch.float32),
+            tokens[:n].sum(),
+            tokens[n:].sum(),
+            out.sft_nll.sum(),
         ]
     )
     return loss, {"stats": stats}
@@ -122,7 +130,7 @@ def _loss_func(batch: dict, beta: float, loss_type: str, fused: bool, output: to
 
 STAT_NAMES = (
     "loss", "reward_chosen", "reward_rejected", "reward_accuracy", "pairs", "reward_abs", "logp_chosen",
-    "logp_rejected", "chosen_tokens", "rejected_tokens",
+    "logp_rejected", "chosen_tokens", "rejected_tokens", "sft_nll",
 )
 
 
@@ -152,11 +160,11 @@ def _model_inputs(batch: dict, model, device: torch.device) -> dict:
     return inputs
 
 
-def make_forward_step(beta: float, loss_type: str, fused: bool) -> Callable:
+def make_forward_step(loss_cfg: LossConfig, fused: bool) -> Callable:
     def forward_step(data_iterator, model: PolicyOpponent):
         batch = next(data_iterator)
         output = model(**_model_inputs(batch, model, next(model.parameters()).device))
-        return output, partial(_loss_func, batch, beta, loss_type, fused)
+        return output, partial(_loss_func, batch, loss_cfg, fused)
 
     return forward_step
 

@@ -23,11 +23,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from spin_mega.errors import TrainingUnhealthy
-from spin_mega.io import atomic_write_json
-from spin_mega.training.first_step import FirstStepCheck
+from spin_mega.io import atomic_write_json, read_jsonl
+
+if TYPE_CHECKING:
+    from spin_mega.training.first_step import FirstStepCheck
 
 UNHEALTHY_MARKER = "unhealthy.json"
 EXIT_UNHEALTHY = TrainingUnhealthy.exit_code
@@ -35,7 +37,7 @@ EXIT_UNHEALTHY = TrainingUnhealthy.exit_code
 # The order of the agreed vector; the non-finite flags are counts of ranks that saw them.
 _LOSS_BAD, _LOGPS_BAD, _GRAD_BAD, _CHOSEN_DELTA, _CHOSEN_TOKENS, _REJECTED_DELTA, _REJECTED_TOKENS = range(7)
 # Sums over the step's pairs for the first-step check (training/first_step.py).
-_LOSS_SUM, _PAIRS, _REWARD_ABS, _LOGP_ABS = range(7, 11)
+_LOSS_SUM, _PAIRS, _REWARD_ABS, _LOGP_ABS, _SFT_NLL = range(7, 12)
 _WHAT = {_LOSS_BAD: "the loss", _LOGPS_BAD: "the log-probs", _GRAD_BAD: "the gradient norm"}
 
 
@@ -109,7 +111,7 @@ class HealthGuard:
 
         from spin_mega.training.forward import STAT_NAMES
 
-        vector = torch.zeros(11, dtype=torch.float64, device=device)
+        vector = torch.zeros(12, dtype=torch.float64, device=device)
         if outputs:
             # Tensor operations only: one host synchronisation for the whole check, at the all-reduce.
             stats = torch.stack([out["stats"] for out in outputs]).to(device, torch.float64)
@@ -125,6 +127,7 @@ class HealthGuard:
             vector[_PAIRS] = col["pairs"].sum()
             vector[_REWARD_ABS] = col["reward_abs"].sum()
             vector[_LOGP_ABS] = -(col["logp_chosen"].sum() + col["logp_rejected"].sum())
+            vector[_SFT_NLL] = col["sft_nll"].sum()
         # Only the fp16 loss scaler reports overflows here; a non-finite norm catches the rest.
         scaler_overflow = optimizer.prepare_grads()
         grad_norm = float(optimizer.get_grad_norm())
@@ -148,7 +151,9 @@ class HealthGuard:
             health.stop_cause = f"{values} {'is' if len(non_finite) == 1 else 'are'} not finite (NaN or inf)"
         elif step == 1 and self.first_step is not None and agreed[_PAIRS] > 0:
             pairs = agreed[_PAIRS]
-            cause = self.first_step.problem(agreed[_LOSS_SUM] / pairs, agreed[_REWARD_ABS] / pairs, agreed[_LOGP_ABS] / pairs)
+            cause = self.first_step.problem(
+                agreed[_LOSS_SUM] / pairs, agreed[_REWARD_ABS] / pairs, agreed[_LOGP_ABS] / pairs, agreed[_SFT_NLL] / pairs
+            )
             if cause is not None:
                 health.stop_cause, health.advice = cause, self.first_step.advice()
         if not non_finite and health.stop_cause is None and collapsed:
@@ -171,11 +176,7 @@ class HealthGuard:
         about once per run and the summary covers every step."""
         if not Path(metrics_path).is_file():
             return
-        for line in Path(metrics_path).read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for row in read_jsonl(metrics_path):
             chosen = row.get("logp_chosen_per_token_change")
             if not isinstance(chosen, (int, float)):
                 continue

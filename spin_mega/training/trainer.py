@@ -32,13 +32,13 @@ from spin_mega.models.packed_attention import choose_backend
 from spin_mega.parallel import distributed
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
+from spin_mega.training import metrics
 from spin_mega.training import pipeline
 from spin_mega.training.environment import resolve_dtype, summary, training_choices
 from spin_mega.training.first_step import RTOL as FIRST_STEP_RTOL
 from spin_mega.training.first_step import FirstStepCheck
 from spin_mega.training.forward import STAT_NAMES, PolicyOpponent, make_forward_step, make_logprob_step
 from spin_mega.training.logprobs import resolve_impl
-from spin_mega.training.loss import first_step_loss
 from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
 from spin_mega.training.telemetry import GpuTelemetry, mfu, peak_flops
 
@@ -76,15 +76,20 @@ def _start_checkpoint_helpers_deaf_to_preemption() -> None:
     """Starts dist_checkpointing's helper processes (its spawn-context manager and multiprocessing's resource
     tracker) with SIGUSR1 and SIGTERM blocked, which they inherit.
 
-    Slurm signals every process of a job step, not only the trainer: helpers that died on SIGUSR1 would break
-    the very checkpoint the signal asks for. The trainer itself handles the signals at a step boundary."""
+    Slurm signals every process of a job step, not only the trainer: helpers that died on SIGUSR1 or SIGTERM
+    would break the very checkpoint the signal asks for. The trainer itself handles the signals at a step
+    boundary."""
     import multiprocessing.resource_tracker as resource_tracker
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    preemption = {signal.SIGUSR1, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, preemption)
     try:
         resource_tracker.ensure_running()
+        # ensure_running unblocks SIGINT and SIGTERM once its own process is started, whatever the mask was
+        # before (CPython bpo-33613): block them again, or the manager below would die of a group SIGTERM.
+        signal.pthread_sigmask(signal.SIG_BLOCK, preemption)
         filesystem_async._get_write_results_queue()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -232,6 +237,7 @@ class Trainer:
             )
         self.padded_vocab = padded_vocab_size(self.model_cfg.vocab_size, p.tensor_parallel)
         self.tokenizer = _load_tokenizer(self.start.tokenizer_dir)
+        metrics.check_trackers(cfg, _is_metrics_writer(), _device())
         self._setup_data()
         self._setup_models()
         _log(f"using {summary(training_choices(cfg))}")
@@ -444,21 +450,6 @@ class Trainer:
             self.start.mcore_dir,
         )
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drops metrics logged after the checkpoint being resumed, so the file reads as one clean run."""
-        path = self.workdir / "metrics.jsonl"
-        if not (_is_metrics_writer() and path.is_file()):
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by the interruption
-            if row.get("step", 0) <= step:
-                keep.append(line)
-        path.write_text("".join(line + "\n" for line in keep))
-
     def _stop_unhealthy(self, step: int, cause: str, advice: Optional[str] = None) -> int:
         """Leaves the checkpoints and `latest` as they are; the state that failed is never saved."""
         last_good = train_ckpt.latest_checkpoint(self.workdir) or self.start.mcore_dir or "none (the random initialisation)"
@@ -477,12 +468,13 @@ class Trainer:
         cfg = self.cfg
         opponent_table = None if self.fused else self._precompute_opponent()
         start_step = 0
-        latest = train_ckpt.latest_checkpoint(self.workdir)
-        if latest is not None:
-            state = train_ckpt.load(latest, self.policies, self.optimizer, self.scheduler, config_to_dict(cfg)["parallel"])
+        resumed = train_ckpt.resume(self.workdir, self.policies, self.optimizer, self.scheduler, config_to_dict(cfg)["parallel"], _log)
+        if resumed is not None:
+            latest, state = resumed
             start_step = int(state["step"])
             _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
-        self._truncate_metrics(start_step)
+        if _is_metrics_writer():
+            metrics.truncate_after(self.workdir / metrics.METRICS_FILE, start_step)
         if dist.get_rank() == 0:
             (self.workdir / PREEMPTED_MARKER).unlink(missing_ok=True)
         if start_step >= self.total_steps:
@@ -493,19 +485,20 @@ class Trainer:
         stop = _StopFlag()
         stop.install()
         telemetry = GpuTelemetry()
-        forward_step = make_forward_step(cfg.loss.beta, cfg.loss.loss_type, self.fused)
+        forward_step = make_forward_step(cfg.loss, self.fused)
         writer = _is_metrics_writer()
         progress = None
         if writer:
             from tqdm import tqdm
 
             progress = tqdm(total=self.total_steps, initial=start_step, desc="SPIN training", unit="step", file=sys.stderr)
-        metrics_path = self.workdir / "metrics.jsonl"
+        metrics_path = self.workdir / metrics.METRICS_FILE
         peak = peak_flops(cfg.train.peak_tflops)
         guard = health.HealthGuard(cfg.train.collapse_bound, cfg.train.on_collapse == "stop", cfg.loss.beta, _log)
         precision = "bf16" if self.dtype == torch.bfloat16 else "fp16" if self.dtype == torch.float16 else "fp32"
-        guard.first_step = FirstStepCheck(first_step_loss(cfg.loss), cfg.loss.loss_type, cfg.loss.beta, FIRST_STEP_RTOL[precision])
+        guard.first_step = FirstStepCheck(cfg.loss, FIRST_STEP_RTOL[precision])
         guard.replay(metrics_path)
+        metrics_log = metrics.open_metrics(cfg, self.workdir, start_step, writer, _device())
         try:
             for step in range(start_step, self.total_steps):
                 t0 = time.perf_counter()
@@ -540,8 +533,7 @@ class Trainer:
                         row["mfu_peak"] = peak.label
                     row.update(telemetry.sample())
                     row.update(checked.metrics())
-                    with open(metrics_path, "a") as handle:
-                        handle.write(health.finite_json_line(row) + "\n")
+                    metrics_log.write(row)
                     progress.update(1)
                     progress.set_postfix(
                         loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
@@ -571,6 +563,8 @@ class Trainer:
             stop.restore()
             if progress is not None:
                 progress.close()
+            if metrics_log is not None:
+                metrics_log.close()
 
 
 def train(cfg: SpinConfig, workdir: str | Path, max_steps: Optional[int] = None) -> int:

@@ -258,3 +258,43 @@ def test_unhealthy_training_stops_the_loop_and_keeps_earlier_outputs(loop_setup)
     again = _run(loop_setup["config_hf"], workdir, *diverge, timeout=300)
     assert again.returncode == 3 and "iteration 0's training stopped" in again.stderr
     assert (it / "logs" / "train.log").read_text() == log_before
+
+
+def _finished_copy(straight_run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(straight_run, dest, symlinks=True)
+    return dest
+
+
+def test_half_written_last_lines_of_finished_stages_are_left_out_with_a_warning(loop_setup, straight_run_hf, tmp_path):
+    """What a crash mid-append leaves at the end of metrics.jsonl or generations.jsonl: the run goes on."""
+    workdir = _finished_copy(straight_run_hf, tmp_path / "torn_tail")
+    metrics = workdir / "iter_0" / "train" / "metrics.jsonl"
+    generations = workdir / "iter_1" / "generations.jsonl"
+    with open(metrics, "a") as handle:
+        handle.write('{"step": 99, "loss": 0.6')
+    with open(generations, "a") as handle:
+        handle.write('{"prompt_id": "p-torn", "prompt": "What is 2')
+    result = _run(loop_setup["config_hf"], workdir, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "half-written last line" in line]
+    assert any(str(metrics) in line for line in warnings) and any(str(generations) in line for line in warnings)
+    assert len(warnings) == 2, warnings  # once per file, though the summary and the report both read them
+    assert _comparable(json.loads((workdir / "summary.json").read_text())) == _comparable(
+        json.loads((straight_run_hf / "summary.json").read_text()))
+
+
+def test_a_torn_line_inside_a_finished_stage_output_is_refused_with_file_and_line(loop_setup, straight_run_hf, tmp_path):
+    workdir = _finished_copy(straight_run_hf, tmp_path / "torn_middle")
+    metrics = workdir / "iter_1" / "train" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][: len(lines[1]) // 2] + "\n"
+    metrics.write_text("".join(lines))
+    result = _run(loop_setup["config_hf"], workdir, timeout=600)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("spin-mega run: error:")]
+    assert len(errors) == 1, result.stderr[-4000:]
+    assert f"{metrics} line 2 is not valid JSON" in errors[0] and "repair or delete that line" in errors[0]

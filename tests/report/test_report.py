@@ -365,3 +365,23 @@ def test_demo_selection_section(tmp_path, last_improved, phrase):
     assert phrase in report
     assert "- SPIN learning rate 0.0001, chosen by validation exact match from: 3e-05 → 0.500, 0.0001 → 0.600." in report
     assert "- SFT control learning rate 3e-05, chosen by validation exact match from: 3e-05 → 0.550." in report
+
+
+def test_report_names_the_loss_and_checks_each_first_step_against_its_closed_form(tmp_path):
+    import yaml
+
+    workdir = make_workdir(tmp_path)
+    config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
+    config["loss"].update(loss_type="ipo", sft_weight=0.5)
+    config["iterations"]["beta"] = [0.1, 0.5]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    for t, nll in ((0, 4.0), (1, 3.0)):
+        path = workdir / f"iter_{t}" / "train" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows[0]["sft_nll"] = nll
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_report(workdir).read_text()
+    assert "Loss: IPO (squared margin of per-token means) + 0.5 × the policy's NLL per token of the human responses" in report
+    assert "β per iteration 0.1, 0.5" in report
+    # 1/(4 beta^2) + 0.5 * NLL: 25 + 2 with beta 0.1, then 1 + 1.5 with beta 0.5 (the per-iteration beta).
+    assert "iteration 0: 0.693147 (expected 27.000000), iteration 1: 0.693147 (expected 2.500000)" in report

@@ -180,11 +180,13 @@ def test_collapse_at_a_high_learning_rate_is_warned_once_and_recorded(tiny_run, 
 
 
 def test_first_step_check_tolerance_follows_the_log_prob_sums():
-    """The allowed deviation is rtol x beta x the pairs' log-prob sums: a loss or reward within it passes,
-    beyond it the check names the loss, its closed form and the mean |reward|."""
+    """The allowed deviation is rtol x beta x the pairs' log-prob sums (times the loss's slope near zero
+    rewards for the loss): a loss or reward within it passes, beyond it the check names the loss, its closed
+    form and the mean |reward|."""
+    from spin_mega.config import LossConfig
     from spin_mega.training.first_step import RTOL, FirstStepCheck
 
-    check = FirstStepCheck(math.log(2.0), "logistic", beta=0.1, rtol=RTOL["fp32"])
+    check = FirstStepCheck(LossConfig(beta=0.1), rtol=RTOL["fp32"])
     logp_abs = 200.0  # |log p(chosen)| + |log p(rejected)|: tolerance 1e-5 x 0.1 x 200 = 2e-4
     assert check.problem(math.log(2.0), 0.0, logp_abs) is None
     assert check.problem(math.log(2.0) + 1.5e-4, 1.5e-4, logp_abs) is None
@@ -192,9 +194,13 @@ def test_first_step_check_tolerance_follows_the_log_prob_sums():
     assert off_loss and "0.693647" in off_loss and "0.693147" in off_loss
     assert check.problem(math.log(2.0), 3e-4, logp_abs)  # a reward off while the loss is not (errors that cancel)
     # bf16: 2e-2 of the sums, 0.4 here, lets rounding through but not a leak of whole nats per token.
-    loose = FirstStepCheck(1.0, "hinge", beta=0.1, rtol=RTOL["bf16"])
+    loose = FirstStepCheck(LossConfig(beta=0.1, loss_type="hinge"), rtol=RTOL["bf16"])
     assert loose.problem(1.0 + 0.05, 0.05, logp_abs) is None
     assert "hinge loss" in loose.problem(1.0 + 0.05, 5.0, logp_abs)
+    # ipo with the SFT term: the closed form 1 / (4 beta^2) plus the weight times the policy's own NLL.
+    ipo = FirstStepCheck(LossConfig(beta=0.5, loss_type="ipo", sft_weight=2.0), rtol=RTOL["fp32"])
+    assert ipo.problem(1.0 + 2.0 * 3.0, 0.0, logp_abs, sft_nll=3.0) is None
+    assert ipo.problem(1.0, 0.0, logp_abs, sft_nll=3.0)
 
 
 def test_first_step_off_the_closed_form_stops_the_run(tiny_run, tmp_path):

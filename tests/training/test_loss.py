@@ -57,12 +57,137 @@ def test_large_margins_do_not_overflow():
     assert torch.isfinite(out.loss) and out.loss.item() > 1e4
 
 
-@pytest.mark.parametrize("loss_type, closed_form", [("logistic", math.log(2.0)), ("hinge", 1.0)])
-def test_first_step_loss_is_the_loss_at_zero_margin(loss_type, closed_form):
-    """At the first step of an iteration the policy is the opponent: every reward is 0 and the loss is l(0)."""
-    from spin_mega.config import LossConfig
-    from spin_mega.training.loss import first_step_loss
+# ---- the loss family: ipo, robust, label smoothing, the SFT term ---------------------------------------------
+# The reference below is written from the papers' formulas in float64 with other primitives (log-sigmoid,
+# explicit means), and differentiated by autograd in float64; spin_loss computes in float32.
 
-    zeros = torch.full((4,), -123.0)
-    at_zero = spin_loss(zeros, zeros - 7.0, zeros, zeros - 7.0, beta=0.1, loss_type=loss_type).loss.item()
-    assert first_step_loss(LossConfig(loss_type=loss_type)) == closed_form == pytest.approx(at_zero, abs=1e-7)
+from spin_mega.config import LossConfig  # noqa: E402
+from spin_mega.training.loss import first_step_loss  # noqa: E402
+
+FAMILY = [
+    # (loss_type, label_smoothing, sft_weight)
+    ("logistic", 0.0, 0.0),
+    ("hinge", 0.0, 0.0),
+    ("logistic", 0.1, 0.0),
+    ("robust", 0.2, 0.0),
+    ("ipo", 0.0, 0.0),
+    ("ipo", 0.0, 0.5),
+    ("logistic", 0.0, 1.0),
+    ("hinge", 0.0, 0.3),
+    ("robust", 0.1, 0.7),
+]
+
+
+def _family_reference(pc, pr, oc, orj, nc, nr, beta, loss_type, eps, sft_weight):
+    log_sigmoid = torch.nn.functional.logsigmoid
+    if loss_type == "ipo":
+        h = (pc - oc) / nc - (pr - orj) / nr
+        per_pair = (h - 1 / (2 * beta)) ** 2
+    else:
+        z = beta * ((pc - oc) - (pr - orj))
+        if loss_type == "hinge":
+            per_pair = torch.clamp(1 - z, min=0)
+        elif loss_type == "logistic":
+            per_pair = -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+        else:  # robust (Chowdhury et al. 2024): unbiased under a fraction eps of flipped labels
+            per_pair = (-(1 - eps) * log_sigmoid(z) + eps * log_sigmoid(-z)) / (1 - 2 * eps)
+    total = per_pair.sum() / per_pair.numel()
+    return total + sft_weight * (-(pc / nc)).sum() / pc.numel()
+
+
+def _random_pairs(seed: int, n: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(5, 120, (2, n), generator=g).double()
+    # Sums of per-token log-probs (-0.5 .. -3 nats a token), opponents within a few nats of the policy.
+    pc = -counts[0] * (0.5 + 2.5 * torch.rand(n, generator=g, dtype=torch.float64))
+    pr = -counts[1] * (0.5 + 2.5 * torch.rand(n, generator=g, dtype=torch.float64))
+    oc = pc + 4 * torch.randn(n, generator=g, dtype=torch.float64)
+    orj = pr + 4 * torch.randn(n, generator=g, dtype=torch.float64)
+    return pc, pr, oc, orj, counts[0], counts[1]
+
+
+@pytest.mark.parametrize("loss_type, eps, sft_weight", FAMILY)
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_family_matches_float64_reference_values_and_gradients(loss_type, eps, sft_weight, beta):
+    pc, pr, oc, orj, nc, nr = _random_pairs(seed=5)
+    ref_pc, ref_pr = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    ref = _family_reference(ref_pc, ref_pr, oc, orj, nc, nr, beta, loss_type, eps, sft_weight)
+    ref.backward()
+    ours_pc, ours_pr = pc.float().requires_grad_(), pr.float().requires_grad_()
+    out = spin_loss(
+        ours_pc, ours_pr, oc.float(), orj.float(), beta=beta, loss_type=loss_type, label_smoothing=eps,
+        sft_weight=sft_weight, chosen_tokens=nc.float(), rejected_tokens=nr.float(),
+    )
+    out.loss.backward()
+    # float32 sums of ~300 nats carry ~3e-5 absolute error; the losses' slopes (beta, or 2|h - 1/(2 beta)|/n
+    # for IPO, at most ~2 here) scale it.
+    assert abs(out.loss.item() - ref.item()) <= 2e-4 * max(1.0, abs(ref.item())), (out.loss.item(), ref.item())
+    for ours, theirs in ((ours_pc.grad, ref_pc.grad), (ours_pr.grad, ref_pr.grad)):
+        assert torch.allclose(ours.double(), theirs, rtol=1e-4, atol=1e-6), (ours, theirs)
+    # Rewards keep their meaning under every loss: beta times the log-ratio of the sums.
+    assert torch.allclose(out.reward_chosen.double(), beta * (pc - oc), atol=1e-4 * beta * 300)
+    assert torch.allclose(out.reward_rejected.double(), beta * (pr - orj), atol=1e-4 * beta * 300)
+    assert torch.allclose(out.sft_nll.double(), -pc / nc, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type, eps, sft_weight", FAMILY)
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_first_step_equals_closed_form(loss_type, eps, sft_weight, beta):
+    pc, pr, _, _, nc, nr = _random_pairs(seed=9)
+    out = spin_loss(
+        pc.float(), pr.float(), pc.float(), pr.float(), beta=beta, loss_type=loss_type, label_smoothing=eps,
+        sft_weight=sft_weight, chosen_tokens=nc.float(), rejected_tokens=nr.float(),
+    )
+    nll = (-pc / nc).mean().item()
+    closed = first_step_loss(LossConfig(beta=beta, loss_type=loss_type, label_smoothing=eps, sft_weight=sft_weight), nll)
+    # The closed forms written out by hand, independently of first_step_loss.
+    by_hand = {"logistic": math.log(2), "robust": math.log(2), "hinge": 1.0, "ipo": 1 / (4 * beta**2)}[loss_type]
+    assert closed == pytest.approx(by_hand + sft_weight * nll, rel=1e-12)
+    assert out.loss.item() == pytest.approx(closed, rel=2e-6)
+
+
+def test_robust_loss_is_unbiased_under_flipped_labels():
+    """What makes the robust loss robust: averaged over a label flipped with probability eps, it equals the
+    clean logistic loss (Chowdhury et al. 2024)."""
+    eps, beta = 0.2, 0.5
+    pc, pr, oc, orj, nc, nr = _random_pairs(seed=13)
+
+    def loss(a, b, c, d, loss_type, smoothing):
+        return spin_loss(a.float(), b.float(), c.float(), d.float(), beta=beta, loss_type=loss_type,
+                         label_smoothing=smoothing, chosen_tokens=nc.float(), rejected_tokens=nr.float()).loss.item()
+
+    expected_robust = (1 - eps) * loss(pc, pr, oc, orj, "robust", eps) + eps * loss(pr, pc, orj, oc, "robust", eps)
+    clean = loss(pc, pr, oc, orj, "logistic", 0.0)
+    assert expected_robust == pytest.approx(clean, rel=1e-5)
+
+
+def test_paper_losses_are_unchanged_by_the_new_keys():
+    """label_smoothing 0 and sft_weight 0 leave the paper's two losses bit-for-bit as they were."""
+    pc, pr, oc, orj, nc, nr = _random_pairs(seed=17)
+    for loss_type, plain in (("logistic", torch.nn.functional.softplus), ("hinge", None)):
+        z = 0.1 * ((pc.float() - oc.float()) - (pr.float() - orj.float()))
+        before = plain(-z).mean() if plain else torch.relu(1.0 - z).mean()
+        after = spin_loss(pc.float(), pr.float(), oc.float(), orj.float(), beta=0.1, loss_type=loss_type,
+                          chosen_tokens=nc.float(), rejected_tokens=nr.float()).loss
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("loss_type, eps, sft_weight", [("ipo", 0.0, 0.5), ("robust", 0.2, 1.0)])
+def test_micro_batch_loss_wires_config_and_token_counts(loss_type, eps, sft_weight):
+    """The trainer's per-micro-batch loss (forward._loss_func): the config's keys and each side's token counts
+    reach the loss, and the summed stats carry sft_nll, on a precompute-mode micro-batch of 4 pairs."""
+    from spin_mega.training.forward import STAT_NAMES, _loss_func
+
+    pc, pr, oc, orj, nc, nr = _random_pairs(seed=21, n=4)
+    batch = {
+        "input_ids": torch.zeros(8, 16, dtype=torch.long),
+        "num_response_tokens": torch.cat([nc, nr]).long(),
+        "opponent_logps": torch.cat([oc, orj]).float(),
+    }
+    cfg = LossConfig(beta=0.1, loss_type=loss_type, label_smoothing=eps, sft_weight=sft_weight)
+    loss, extra = _loss_func(batch, cfg, False, torch.cat([pc, pr]).float())
+    ref = _family_reference(pc, pr, oc, orj, nc, nr, 0.1, loss_type, eps, sft_weight)
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-5)
+    stats = dict(zip(STAT_NAMES, extra["stats"].tolist()))
+    assert stats["sft_nll"] == pytest.approx((-pc / nc).sum().item(), rel=1e-5)
+    assert stats["chosen_tokens"] == nc.sum().item() and stats["rejected_tokens"] == nr.sum().item()
