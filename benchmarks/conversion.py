@@ -63,8 +63,8 @@ def _write_source(path: Path, dtype_name: str, shape: dict = SHAPE, shard_bytes:
     dims = Dims.of(model, model.vocab_size)
     tensors = []
     for rule in ARCHITECTURES["llama"].active_rules(model):
-        for layer in range(dims.layers) if rule.per_layer else [None]:
-            tensors += list(zip(rule.hf_names(layer), rule.hf_shapes(dims), strict=True))
+        for index in rule.stack_indices(dims):
+            tensors += list(zip(rule.hf_names(*index), rule.hf_shapes(dims), strict=True))
     element = torch.empty((), dtype=dtype).element_size()
     sizes = [element * torch.Size(shape).numel() for _, shape in tensors]
     path.mkdir(parents=True)

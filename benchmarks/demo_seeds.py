@@ -27,11 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _seed_result(workdir: Path) -> dict:
-    from spin_mega.report import load_run, paired_comparison, signatures
-    from spin_mega.significance import mean_and_se
+    from spin_mega.evaluation.significance import mean_and_se
+    from spin_mega.report.load import load_run
+    from spin_mega.report.markdown import paired_comparison, signatures
+    from spin_mega.rundir import SUMMARY
 
     run = load_run(workdir)
-    summary = json.loads((workdir / "summary.json").read_text())
+    summary = json.loads((workdir / SUMMARY).read_text())
     last = [it for it in run.iterations if it.finished][-1]
     control = run.sft_control["eval"]
 

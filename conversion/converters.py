@@ -134,23 +134,27 @@ def _check_hf_config(hf: dict) -> None:
         )
     if hf.get("mlp_bias"):
         raise ConfigError("mlp_bias=true is not supported (the Megatron model has no MLP biases)")
-    if model_type == "qwen2" and hf.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         raise ConfigError(
             "use_sliding_window=true is not supported (the Megatron model attends over the full causal window)"
         )
 
 
-def _layer_indices(rule: Rule, layers: int) -> list[Optional[int]]:
-    return list(range(layers)) if rule.per_layer else [None]
-
-
-def _units(arch: Architecture, model: ModelConfig) -> list[tuple[Rule, Optional[int]]]:
-    """(rule, layer) pairs in the order HF lists a model's tensors: embedding, layer by layer, the rest.
-    Both directions walk it, so reads of sharded files move forward through them."""
+def _units(arch: Architecture, model: ModelConfig, dims: Dims) -> list[tuple[Rule, tuple[int, ...]]]:
+    """(rule, index) pairs in the order HF lists a model's tensors: embedding, layer by layer (within a layer,
+    expert by expert), the rest. The index is () for a global tensor, (layer,) or (layer, expert). Both
+    directions walk it, so reads of sharded files move forward through them, and each expert is one unit: a
+    conversion holds one expert's tensors at a time, never a whole MoE layer."""
     rules = arch.active_rules(model)
-    first = [(r, None) for r in rules if not r.per_layer and r.mcore.startswith("embedding.")]
-    last = [(r, None) for r in rules if not r.per_layer and not r.mcore.startswith("embedding.")]
-    layers = [(r, i) for i in range(model.num_layers) for r in rules if r.per_layer]
+    first = [(r, ()) for r in rules if not r.per_layer and r.mcore.startswith("embedding.")]
+    last = [(r, ()) for r in rules if not r.per_layer and not r.mcore.startswith("embedding.")]
+    layers = []
+    for i in range(model.num_layers):
+        for r in rules:
+            if r.per_expert:
+                layers += [(r, (i, e)) for e in range(dims.experts)]
+            elif r.per_layer:
+                layers.append((r, (i,)))
     return first + layers + last
 
 
@@ -160,8 +164,8 @@ def _validate_hf_tensors(reader: SafetensorsReader, arch: Architecture, model: M
     expected: dict[str, tuple[int, ...]] = {}
     for rule in arch.active_rules(model):
         shapes = rule.hf_shapes(dims)
-        for layer in _layer_indices(rule, dims.layers):
-            for name, shape in zip(rule.hf_names(layer), shapes, strict=True):
+        for index in rule.stack_indices(dims):
+            for name, shape in zip(rule.hf_names(*index), shapes, strict=True):
                 expected[name] = shape
     for name, shape in expected.items():
         if name not in reader:
@@ -179,13 +183,13 @@ def _validate_hf_tensors(reader: SafetensorsReader, arch: Architecture, model: M
             f"tensor {unexpected[0]}{more} in {reader.dir} has no place in a {model.architecture} model "
             f"with this config.json"
         )
-    embedding = _units(arch, model)[0][0].hf[0]
+    embedding = _units(arch, model, dims)[0][0].hf[0]
     return CODE_DTYPES[reader.dtype(embedding)]
 
 
-def _produce(rule: Rule, dims: Dims, reader: SafetensorsReader, names: list[str], dtype: torch.dtype, stacked: bool):
+def _produce(rule: Rule, dims: Dims, reader: SafetensorsReader, names: list[str], dtype: torch.dtype, stacked: int):
     tensor = rule.to_mcore(dims, [reader.get(n) for n in names], dtype)
-    return tensor.unsqueeze(0) if stacked else tensor
+    return tensor.view((1,) * stacked + tuple(tensor.shape))
 
 
 def hf_to_mcore(
@@ -194,29 +198,30 @@ def hf_to_mcore(
     tp: int = 1,
     pp: int = 1,
     dtype: Union[str, torch.dtype, None] = None,
+    ep: int = 1,
 ) -> Path:
     """Converts an HF model directory (config.json + safetensors) to a spin-mega Megatron checkpoint at
-    `out_dir` that loads at any TP x PP the model can be split into. `tp` and `pp` are checked against the
-    model and recorded as the suggested layout; `tp` also sets the vocabulary padding (a multiple of
-    128 * tp, as Megatron pads). `dtype` defaults to the checkpoint's own."""
+    `out_dir` that loads at any TP x PP (x EP x expert TP for MoE models) the model can be split into. `tp`,
+    `pp` and `ep` are checked against the model and recorded as the suggested layout; `tp` also sets the
+    vocabulary padding (a multiple of 128 * tp, as Megatron pads). `dtype` defaults to the checkpoint's own."""
     with _quiet_megatron():
         from spin_mega.models.checkpoint import MODEL_SUBDIR, TOKENIZER_SUBDIR, write_meta
         from spin_mega.models.gpt import padded_vocab_size, transformer_config
     from spin_mega.models.hf_config import model_config_from_hf, read_hf_config
 
-    hf_dir, out_dir, tp, pp = Path(hf_dir), Path(out_dir), int(tp), int(pp)
+    hf_dir, out_dir, tp, pp, ep = Path(hf_dir), Path(out_dir), int(tp), int(pp), int(ep)
     if not hf_dir.is_dir():
         raise SpinMegaError(f"HF model directory {hf_dir} does not exist")
     _check_distinct(hf_dir, out_dir)
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"tensor and pipeline parallel sizes must be at least 1 (got tp={tp}, pp={pp})")
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ConfigError(f"tensor, pipeline and expert parallel sizes must be at least 1 (got tp={tp}, pp={pp}, ep={ep})")
     hf = read_hf_config(hf_dir)
     _check_hf_config(hf)
     arch = architecture(hf.get("model_type"))
     model = model_config_from_hf(hf)
     target_dtype = _dtype(dtype)
     with _quiet_megatron():
-        transformer_config(model, tp, pp)  # raises ConfigError when the model cannot be split so
+        transformer_config(model, tp, pp, expert_parallel=ep)  # raises ConfigError when the model cannot be split so
     padded = padded_vocab_size(model.vocab_size, tp)
     dims = Dims.of(model, padded)
     reader = SafetensorsReader(hf_dir)
@@ -224,22 +229,27 @@ def hf_to_mcore(
     target_dtype = target_dtype or stored
 
     entries: list[dist_ckpt.Entry] = []
-    for rule, layer in _units(arch, model):
+    for rule, index in _units(arch, model, dims):
         shape = rule.mcore_shape(dims)
-        stacked = layer is not None
         entries.append(
             dist_ckpt.TensorChunk(
                 key=rule.mcore,
                 global_shape=rule.global_shape(dims),
-                offsets=((layer,) if stacked else ()) + (0,) * len(shape),
-                sizes=((1,) if stacked else ()) + shape,
+                offsets=index + (0,) * len(shape),
+                sizes=(1,) * len(index) + shape,
                 dtype=target_dtype,
-                produce=functools.partial(_produce, rule, dims, reader, rule.hf_names(layer), target_dtype, stacked),
+                produce=functools.partial(_produce, rule, dims, reader, rule.hf_names(*index), target_dtype, len(index)),
             )
         )
     for layer in range(dims.layers):
         entries += [
-            dist_ckpt.ObjectEntry(sharded_object_key(key, layer, dims.layers), None) for key in arch.mcore_layer_objects
+            dist_ckpt.ObjectEntry(sharded_object_key(key, (layer,), (dims.layers,)), None)
+            for key in arch.mcore_layer_objects
+        ]
+        entries += [
+            dist_ckpt.ObjectEntry(sharded_object_key(key, (layer, expert), (dims.layers, dims.experts)), None)
+            for expert in range(dims.experts)
+            for key in arch.mcore_expert_objects
         ]
 
     generation_config = None
@@ -258,7 +268,8 @@ def hf_to_mcore(
             {
                 "source": str(hf_dir.resolve()),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "suggested_layout": {"tensor_parallel": tp, "pipeline_parallel": pp},
+                "suggested_layout": {"tensor_parallel": tp, "pipeline_parallel": pp}
+                | ({"expert_parallel": ep} if model.is_moe else {}),
                 "hf_config": hf,
                 "generation_config": generation_config,
             },
@@ -297,13 +308,12 @@ def _generation_config(record: dict, tokenizer_ids: dict) -> dict:
     return generation
 
 
-def _read_rows(reader: dist_ckpt.CheckpointReader, rule: Rule, layer: Optional[int], dims: Dims) -> torch.Tensor:
-    """The rows of one layer's Megatron tensor that hold data (vocabulary padding is not read)."""
+def _read_rows(reader: dist_ckpt.CheckpointReader, rule: Rule, index: tuple[int, ...], dims: Dims) -> torch.Tensor:
+    """The rows of one layer's (one expert's) Megatron tensor that hold data (vocabulary padding is not read)."""
     lo, hi = rule.mcore_row_span(dims)
     tail = rule.mcore_shape(dims)[1:]
-    if layer is None:
-        return reader.read(rule.mcore, (lo,) + (0,) * len(tail), (hi - lo,) + tail)
-    return reader.read(rule.mcore, (layer, lo) + (0,) * len(tail), (1, hi - lo) + tail)[0]
+    box = reader.read(rule.mcore, index + (lo,) + (0,) * len(tail), (1,) * len(index) + (hi - lo,) + tail)
+    return box.view((hi - lo,) + tail)
 
 
 def mcore_to_hf(
@@ -327,7 +337,7 @@ def mcore_to_hf(
     dims = Dims.of(model, padded)
     reader = dist_ckpt.CheckpointReader(mcore_dir / MODEL_SUBDIR)
 
-    units = _units(arch, model)
+    units = _units(arch, model, dims)
     stored: dict[str, torch.dtype] = {}
     for rule, _ in units:
         if rule.mcore in stored:
@@ -344,8 +354,8 @@ def mcore_to_hf(
             )
         stored[rule.mcore] = meta.properties.dtype
 
-    def hf_entries(rule: Rule, layer: Optional[int]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        names, shapes = rule.hf_names(layer), rule.hf_shapes(dims)
+    def hf_entries(rule: Rule, index: tuple[int, ...]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        names, shapes = rule.hf_names(*index), rule.hf_shapes(dims)
         return [(name, stored[rule.mcore], shape) for name, shape in zip(names, shapes, strict=True)]
 
     def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
@@ -372,10 +382,10 @@ def mcore_to_hf(
             writer = StreamingShardWriter(tmp / file, [entry for u in unit_ids for entry in hf_entries(*units[u])])
             try:
                 for u in unit_ids:
-                    rule, layer = units[u]
+                    rule, index = units[u]
                     lo, _ = rule.mcore_row_span(dims)
-                    tensors = rule.to_hf(dims, _read_rows(reader, rule, layer, dims), lo)
-                    for name, tensor in zip(rule.hf_names(layer), tensors, strict=True):
+                    tensors = rule.to_hf(dims, _read_rows(reader, rule, index, dims), lo)
+                    for name, tensor in zip(rule.hf_names(*index), tensors, strict=True):
                         writer.write(name, tensor)
                         weight_map[name] = file
                     # Freed before the next unit is read, not as its tensors replace these.

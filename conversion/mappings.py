@@ -4,10 +4,10 @@ Every fact about how a Megatron tensor relates to its Hugging Face tensors is de
 architecture, as a table of `Rule`s; the converters in this package are generic over the table.
 
 A rule names one Megatron dist-checkpoint key, the HF tensors it is made of and a *layout*: where, along
-dim 0, each HF tensor's rows sit inside the Megatron tensor. The four layouts cover the family:
+dim 0, each HF tensor's rows sit inside the Megatron tensor. The four layouts cover the families:
 
   identity        the same tensor
-  gate_up_concat  linear_fc1 = cat[gate_proj, up_proj] (the SwiGLU gate first)
+  gate_up_concat  linear_fc1 = cat[gate_proj, up_proj] (the SwiGLU gate first; also each expert's)
   qkv_interleave  linear_qkv = for each of the ng key/value groups: [np/ng query heads, 1 key head,
                   1 value head], head_dim rows each (Megatron's GQA layout; also for the QKV bias)
   vocab_pad       the embedding / output layer padded to Megatron's padded vocabulary; the padding rows
@@ -17,6 +17,12 @@ Megatron keys are the *global* dist-checkpoint keys: per-layer tensors are stack
 layer axis under `decoder.layers.*`, and the layer norms carry the names Megatron's checkpoints use for
 Transformer Engine layers (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`), which is what
 the local layer spec maps them to, so the same checkpoint loads with and without Transformer Engine.
+Experts add a second stacking axis after the layer's: `decoder.layers.mlp.experts.experts.linear_fc1.weight`
+is [layers, experts, 2 x expert ffn, hidden], as megatron-core's SequentialMLP, GroupedMLP and TEGroupedMLP all
+save it, so one expert of one layer is one chunk: conversion streams expert by expert, and the checkpoint
+loads at any expert-parallel layout. An MoE layer's pre-MLP norm is `decoder.layers.pre_mlp_layernorm.weight`
+(Transformer Engine does not fuse it into the experts; the local spec saves it under the same name:
+spin_mega/models/moe.py).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from spin_mega.config import ModelConfig
 from spin_mega.errors import ConfigError
 
 LAYER = "{i}"  # stands for the layer index in HF names
+EXPERT = "{e}"  # and this for the expert index
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class Dims:
     vocab: int
     padded_vocab: int
     layers: int
+    experts: int = 0
+    moe_ffn: int = 0
 
     @classmethod
     def of(cls, model: ModelConfig, padded_vocab: int) -> "Dims":
@@ -57,6 +66,8 @@ class Dims:
             vocab=model.vocab_size,
             padded_vocab=padded_vocab,
             layers=model.num_layers,
+            experts=model.num_experts or 0,
+            moe_ffn=model.moe_ffn_hidden_size or 0,
         )
 
     def size(self, name: str) -> int:
@@ -65,7 +76,10 @@ class Dims:
             "ffn": self.ffn,
             "q": self.heads * self.head_dim,
             "kv": self.groups * self.head_dim,
+            "head_dim": self.head_dim,
             "vocab": self.vocab,
+            "experts": self.experts,
+            "moe_ffn": self.moe_ffn,
         }[name]
 
 
@@ -93,8 +107,13 @@ def identity(rows: str) -> Layout:
     return layout
 
 
-def gate_up_concat(d: Dims):
-    return 2 * d.ffn, [Segment(0, 0, 0, d.ffn), Segment(1, 0, d.ffn, d.ffn)]
+def gate_up_concat(ffn: str = "ffn") -> Layout:
+    def layout(d: Dims):
+        n = d.size(ffn)
+        return 2 * n, [Segment(0, 0, 0, n), Segment(1, 0, n, n)]
+
+    layout.__name__ = "gate_up_concat"
+    return layout
 
 
 def qkv_interleave(d: Dims):
@@ -123,6 +142,10 @@ def _qkv_bias(model: ModelConfig) -> bool:
     return model.qkv_bias
 
 
+def _qk_norm(model: ModelConfig) -> bool:
+    return model.qk_layernorm
+
+
 def _untied(model: ModelConfig) -> bool:
     return not model.tie_word_embeddings
 
@@ -143,19 +166,38 @@ class Rule:
     def per_layer(self) -> bool:
         return LAYER in self.hf[0]
 
-    def hf_names(self, layer: int | None) -> list[str]:
-        return [name.replace(LAYER, str(layer)) for name in self.hf] if self.per_layer else list(self.hf)
+    @property
+    def per_expert(self) -> bool:
+        return EXPERT in self.hf[0]
+
+    def hf_names(self, layer: int | None = None, expert: int | None = None) -> list[str]:
+        names = list(self.hf)
+        if self.per_layer:
+            names = [name.replace(LAYER, str(layer)) for name in names]
+        if self.per_expert:
+            names = [name.replace(EXPERT, str(expert)) for name in names]
+        return names
+
+    def stack_shape(self, d: Dims) -> tuple[int, ...]:
+        """The stacking axes in front of one tensor: (layers,), (layers, experts) or none."""
+        return ((d.layers,) if self.per_layer else ()) + ((d.experts,) if self.per_expert else ())
+
+    def stack_indices(self, d: Dims) -> list[tuple[int, ...]]:
+        """Every (layer,) or (layer, expert) index of the rule's tensors, layer-major; [()] for a global one."""
+        if self.per_expert:
+            return [(i, e) for i in range(d.layers) for e in range(d.experts)]
+        return [(i,) for i in range(d.layers)] if self.per_layer else [()]
 
     def tail_shape(self, d: Dims) -> tuple[int, ...]:
         return tuple(d.size(t) for t in self.tail)
 
     def mcore_shape(self, d: Dims) -> tuple[int, ...]:
-        """Shape of one layer's tensor (of the whole tensor for non-layer rules)."""
+        """Shape of one layer's (one expert's) tensor (of the whole tensor for non-layer rules)."""
         rows, _ = self.layout(d)
         return (rows, *self.tail_shape(d))
 
     def global_shape(self, d: Dims) -> tuple[int, ...]:
-        return ((d.layers,) if self.per_layer else ()) + self.mcore_shape(d)
+        return self.stack_shape(d) + self.mcore_shape(d)
 
     def hf_shapes(self, d: Dims) -> list[tuple[int, ...]]:
         _, segments = self.layout(d)
@@ -200,8 +242,9 @@ class Architecture:
     # config makes transformers ignore in favour of the embedding (it does the same here).
     ignored_hf: tuple[tuple[str, Callable[[ModelConfig], bool]], ...] = ()
     # Megatron's linear layers each save an `_extra_state` object per layer (None without Transformer
-    # Engine); a checkpoint lacking them does not load.
+    # Engine); a checkpoint lacking them does not load. Experts' linear layers save one per layer and expert.
     mcore_layer_objects: tuple[str, ...] = ()
+    mcore_expert_objects: tuple[str, ...] = ()
 
     def active_rules(self, model: ModelConfig) -> list[Rule]:
         return [rule for rule in self.rules if rule.when(model)]
@@ -213,62 +256,118 @@ class Architecture:
 _ATTN = "model.layers.{i}.self_attn"
 _MLP = "model.layers.{i}.mlp"
 
-# Llama, Mistral and Qwen2 share one parameter layout; they differ in config only (Qwen2 always has the
-# QKV bias, Llama may; Qwen2's small models tie the embeddings).
+_EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab_pad, ("hidden",))
+_ATTENTION = (
+    Rule(
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.{i}.input_layernorm.weight",),
+        identity("hidden"),
+    ),
+    Rule(
+        "decoder.layers.self_attention.linear_qkv.weight",
+        (f"{_ATTN}.q_proj.weight", f"{_ATTN}.k_proj.weight", f"{_ATTN}.v_proj.weight"),
+        qkv_interleave,
+        ("hidden",),
+    ),
+    Rule(
+        "decoder.layers.self_attention.linear_qkv.bias",
+        (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"),
+        qkv_interleave,
+        when=_qkv_bias,
+    ),
+    Rule(
+        "decoder.layers.self_attention.q_layernorm.weight", (f"{_ATTN}.q_norm.weight",), identity("head_dim"),
+        when=_qk_norm,
+    ),
+    Rule(
+        "decoder.layers.self_attention.k_layernorm.weight", (f"{_ATTN}.k_norm.weight",), identity("head_dim"),
+        when=_qk_norm,
+    ),
+    Rule("decoder.layers.self_attention.linear_proj.weight", (f"{_ATTN}.o_proj.weight",), identity("hidden"), ("q",)),
+)
+_DENSE_MLP = (
+    Rule(
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.{i}.post_attention_layernorm.weight",),
+        identity("hidden"),
+    ),
+    Rule(
+        "decoder.layers.mlp.linear_fc1.weight",
+        (f"{_MLP}.gate_proj.weight", f"{_MLP}.up_proj.weight"),
+        gate_up_concat("ffn"),
+        ("hidden",),
+    ),
+    Rule("decoder.layers.mlp.linear_fc2.weight", (f"{_MLP}.down_proj.weight",), identity("hidden"), ("ffn",)),
+)
+_OUTPUT = (
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), identity("hidden")),
+    Rule("output_layer.weight", ("lm_head.weight",), vocab_pad, ("hidden",), when=_untied),
+)
+_IGNORED = (
+    (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", _always),
+    (r"lm_head\.weight", _tied),
+)
+_ATTENTION_OBJECTS = (
+    "decoder.layers.self_attention.linear_proj._extra_state",
+    "decoder.layers.self_attention.linear_qkv._extra_state",
+)
+
+
+def _moe_mlp(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
+    """An MoE block's rules: HF names `{block}.gate.weight` for the router and `{block}.experts.{e}.{gate|up|down}.weight`
+    for the experts."""
+    expert = f"{block}.experts.{EXPERT}"
+    return (
+        Rule("decoder.layers.pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",), identity("hidden")),
+        Rule("decoder.layers.mlp.router.weight", (f"{block}.gate.weight",), identity("experts"), ("hidden",)),
+        Rule(
+            "decoder.layers.mlp.experts.experts.linear_fc1.weight",
+            (f"{expert}.{gate}.weight", f"{expert}.{up}.weight"),
+            gate_up_concat("moe_ffn"),
+            ("hidden",),
+        ),
+        Rule("decoder.layers.mlp.experts.experts.linear_fc2.weight", (f"{expert}.{down}.weight",), identity("hidden"), ("moe_ffn",)),
+    )
+
+
+# Llama, Mistral, Qwen2 and Qwen3 share one parameter layout; they differ in config only (Qwen2 always has
+# the QKV bias, Llama may; Qwen3 adds a per-head RMSNorm of queries and keys, one head_dim-sized weight each,
+# shared by all heads; Qwen2's and Qwen3's small models tie the embeddings).
 LLAMA_FAMILY = Architecture(
-    rules=(
-        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab_pad, ("hidden",)),
-        Rule(
-            "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
-            ("model.layers.{i}.input_layernorm.weight",),
-            identity("hidden"),
-        ),
-        Rule(
-            "decoder.layers.self_attention.linear_qkv.weight",
-            (f"{_ATTN}.q_proj.weight", f"{_ATTN}.k_proj.weight", f"{_ATTN}.v_proj.weight"),
-            qkv_interleave,
-            ("hidden",),
-        ),
-        Rule(
-            "decoder.layers.self_attention.linear_qkv.bias",
-            (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"),
-            qkv_interleave,
-            when=_qkv_bias,
-        ),
-        Rule(
-            "decoder.layers.self_attention.linear_proj.weight", (f"{_ATTN}.o_proj.weight",), identity("hidden"), ("q",)
-        ),
-        Rule(
-            "decoder.layers.mlp.linear_fc1.layer_norm_weight",
-            ("model.layers.{i}.post_attention_layernorm.weight",),
-            identity("hidden"),
-        ),
-        Rule(
-            "decoder.layers.mlp.linear_fc1.weight",
-            (f"{_MLP}.gate_proj.weight", f"{_MLP}.up_proj.weight"),
-            gate_up_concat,
-            ("hidden",),
-        ),
-        Rule("decoder.layers.mlp.linear_fc2.weight", (f"{_MLP}.down_proj.weight",), identity("hidden"), ("ffn",)),
-        Rule("decoder.final_layernorm.weight", ("model.norm.weight",), identity("hidden")),
-        Rule("output_layer.weight", ("lm_head.weight",), vocab_pad, ("hidden",), when=_untied),
-    ),
-    ignored_hf=(
-        (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", _always),
-        (r"lm_head\.weight", _tied),
-    ),
-    mcore_layer_objects=(
-        "decoder.layers.self_attention.linear_proj._extra_state",
-        "decoder.layers.self_attention.linear_qkv._extra_state",
-        "decoder.layers.mlp.linear_fc1._extra_state",
-        "decoder.layers.mlp.linear_fc2._extra_state",
-    ),
+    rules=(_EMBEDDING, *_ATTENTION, *_DENSE_MLP, *_OUTPUT),
+    ignored_hf=_IGNORED,
+    mcore_layer_objects=(*_ATTENTION_OBJECTS, "decoder.layers.mlp.linear_fc1._extra_state", "decoder.layers.mlp.linear_fc2._extra_state"),
+)
+
+_MOE_OBJECTS = (
+    "decoder.layers.mlp.experts.experts.linear_fc1._extra_state",
+    "decoder.layers.mlp.experts.experts.linear_fc2._extra_state",
+)
+
+# Qwen3-MoE: Qwen3's attention; every layer's MLP is a router (`mlp.gate`) and experts with gate/up/down
+# projections. No shared experts.
+QWEN3_MOE = Architecture(
+    rules=(_EMBEDDING, *_ATTENTION, *_moe_mlp(_MLP, "gate_proj", "up_proj", "down_proj"), *_OUTPUT),
+    ignored_hf=_IGNORED,
+    mcore_layer_objects=_ATTENTION_OBJECTS,
+    mcore_expert_objects=_MOE_OBJECTS,
+)
+
+# Mixtral: Mistral's attention; `block_sparse_moe` with experts w1 (gate), w3 (up), w2 (down). No shared experts.
+MIXTRAL = Architecture(
+    rules=(_EMBEDDING, *_ATTENTION, *_moe_mlp("model.layers.{i}.block_sparse_moe", "w1", "w3", "w2"), *_OUTPUT),
+    ignored_hf=_IGNORED,
+    mcore_layer_objects=_ATTENTION_OBJECTS,
+    mcore_expert_objects=_MOE_OBJECTS,
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": LLAMA_FAMILY,
     "mistral": LLAMA_FAMILY,
     "qwen2": LLAMA_FAMILY,
+    "qwen3": LLAMA_FAMILY,
+    "qwen3_moe": QWEN3_MOE,
+    "mixtral": MIXTRAL,
 }
 
 
@@ -280,6 +379,7 @@ def architecture(model_type: str) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
-def sharded_object_key(key: str, layer: int, layers: int) -> str:
-    """The dist-checkpoint name Megatron gives a per-layer ShardedObject (its `unique_key`)."""
-    return f"{key}/shard_{layer}_{layers}"
+def sharded_object_key(key: str, index: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """The dist-checkpoint name Megatron gives a ShardedObject stacked over layers, or over layers and experts
+    (its `unique_key`: offsets and global shape, each joined by dots)."""
+    return f"{key}/shard_{'.'.join(map(str, index))}_{'.'.join(map(str, shape))}"

@@ -48,6 +48,7 @@
 # environment) and they reach every rank unchanged; the job log lists the ones in effect. MASTER_ADDR and
 # MASTER_PORT likewise win when the user sets them.
 
+# spin_mega/rundir.py's EXIT_BAD_INPUT and EXIT_PREEMPTED (tests/launch/test_validation.py holds them equal).
 SPIN_EX_USAGE=2       # bad flags, bad layout, missing directory: nothing was started
 SPIN_EX_TEMPFAIL=75   # the trainer checkpointed after SIGUSR1/SIGTERM: requeue and resume
 
@@ -205,18 +206,20 @@ spin_setup_python() {
     || spin_die "'$SPIN_PYTHON' cannot import spin_mega (set SPIN_VENV/SPIN_PYTHON to the environment it is installed in)"
 }
 
-# Rendezvous for torch.distributed: rank 0 lives on the allocation's first node. The port is derived
-# from the job id (jobs sharing a node do not collide) and the restart count (a requeued attempt never
-# waits for the previous attempt's socket to leave TIME_WAIT); it stays below Linux's ephemeral range.
+# Rendezvous for torch.distributed: rank 0 lives on the allocation's first node; the port follows the job
+# id (jobs sharing a node do not collide) and the restart count (a requeued attempt never waits for the
+# previous attempt's socket to leave TIME_WAIT). Derived in one place, spin_mega/parallel/rendezvous.py,
+# asked through `python -m spin_mega.loop.slurm rendezvous`. With a container image the interpreter is the
+# image's and cannot run here: the ranks then derive the same address and port themselves.
 spin_master_env() {
-  if [ -z "${MASTER_ADDR:-}" ]; then
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-    [ -n "$MASTER_ADDR" ] || spin_die "cannot read the first host of SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}'"
+  if [ -z "${SPIN_CONTAINER_IMAGE:-}" ] && { [ -z "${MASTER_ADDR:-}" ] || [ -z "${MASTER_PORT:-}" ]; }; then
+    local rendezvous
+    rendezvous=$("$SPIN_PYTHON" -m spin_mega.loop.slurm rendezvous) || exit "$SPIN_EX_USAGE"
+    MASTER_ADDR=${MASTER_ADDR:-${rendezvous% *}}
+    MASTER_PORT=${MASTER_PORT:-${rendezvous#* }}
   fi
-  if [ -z "${MASTER_PORT:-}" ]; then
-    MASTER_PORT=$((15000 + (SLURM_JOB_ID % 1000) * 16 + ${SLURM_RESTART_COUNT:-0} % 16))
-  fi
-  export MASTER_ADDR MASTER_PORT
+  [ -n "${MASTER_ADDR:-}" ] && export MASTER_ADDR
+  [ -n "${MASTER_PORT:-}" ] && export MASTER_PORT
   # Stale torchrun variables from the submitting shell would override the Slurm task ids in the trainer.
   unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK
 }

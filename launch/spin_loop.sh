@@ -35,7 +35,7 @@
 #   Everything else (--set key=value) goes to `spin-mega run` unchanged.
 #
 # Preemption inside the job: SIGUSR1/SIGTERM reaching this script are passed as SIGUSR1 to `spin-mega run`
-# alone, which passes them to its running stage (spin_mega/loop_stages.py): to the training ranks (never the
+# alone, which passes them to its running stage (spin_mega/loop/stages.py): to the training ranks (never the
 # torchrun agent, which ignores SIGUSR1), which checkpoint and exit 75, or to srun, which relays them to
 # every task; any other stage is stopped and runs again on resume. The loop then exits 75 and the job
 # requeues itself.

@@ -23,22 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
-    """The config file and `--set dotted.key=value` overrides, shared by every command that takes one."""
-    if config_required:
-        parser.add_argument("config", help="YAML run configuration (see configs/)")
-    else:
-        parser.add_argument("config", nargs="?", default=None, help="YAML run configuration (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=1e-7 (repeatable)",
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     # megatron-core warns at import that Apex / Transformer Engine are absent; that is the expected state on
     # CPU machines and on GPU images without them, and the warnings would bury the command's own output.

@@ -24,7 +24,7 @@ class ModelConfig:
     directory holding it) and the fields below are ignored."""
 
     hf_config: Optional[str] = None
-    architecture: Literal["llama", "mistral", "qwen2"] = "llama"
+    architecture: Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"] = "llama"
     vocab_size: int = 512
     hidden_size: int = 256
     ffn_hidden_size: int = 688
@@ -44,6 +44,29 @@ class ModelConfig:
     # thing only while sequences fit the window: data.max_length must not exceed it.
     sliding_window: Optional[int] = None
     init_std: float = 0.02
+    # Mixture of experts (Qwen3-MoE, Mixtral; spin_mega/models/moe.py): every layer's MLP is `num_experts`
+    # SwiGLU experts of width `moe_ffn_hidden_size`, each token routed to `moe_router_topk` of them. null: dense.
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: int = 2
+    # The top-k routing weights renormalised to sum to 1 (Mixtral always; Qwen3-MoE's `norm_topk_prob`), or
+    # the full softmax's probabilities of the chosen experts as they are.
+    moe_norm_topk_prob: bool = True
+    # Coefficient of the load-balancing loss added per MoE layer to the policy's loss (HF `router_aux_loss_coef`).
+    moe_aux_loss_coeff: float = 0.0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def qk_layernorm(self) -> bool:
+        """Qwen3 normalises each query and key head (RMSNorm over head_dim) before RoPE: megatron-core's
+        qk_layernorm. The architecture decides it; it is not a separate key."""
+        return self.architecture in QK_NORM_ARCHITECTURES
+
+
+QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe")
 
 
 @dataclass
@@ -67,6 +90,11 @@ class ParallelConfig:
     # between share the rest equally. Unset: even when the layers divide, else parallel/layout.py's default.
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
+    # Expert parallelism (mixture-of-experts models): each of `expert_parallel` ranks holds 1/EP of every MoE
+    # layer's experts; the EP ranks are carved out of the data-parallel ones. `expert_tensor_parallel` splits
+    # each expert's weights over that many ranks (1: whole experts, the usual choice for many small experts).
+    expert_parallel: int = 1
+    expert_tensor_parallel: int = 1
 
 
 @dataclass
@@ -199,7 +227,7 @@ class EvalConfig:
     max_samples: int = 64
     max_new_tokens: int = 32
     lm_eval_tasks: list[str] = field(default_factory=list)
-    # lm-evaluation-harness (spin_mega/leaderboard.py): entries TASK or TASK:SHOTS, or the preset
+    # lm-evaluation-harness (spin_mega/evaluation/leaderboard.py): entries TASK or TASK:SHOTS, or the preset
     # open_llm_leaderboard_v1; a folder of extra task YAMLs; requests per batch; examples per task (None: all).
     lm_eval_include_path: Optional[str] = None
     lm_eval_batch_size: int = 8
@@ -359,7 +387,13 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> SpinCo
 
 
 # Shipped configurations reachable by a short name in place of a file (spin-mega run paper ...).
-PRESETS = {"paper": "zephyr-7b-spin-paper.yaml", "tiny-cpu": "tiny-cpu.yaml", "zephyr-7b-spin": "zephyr-7b-spin.yaml"}
+PRESETS = {
+    "paper": "zephyr-7b-spin-paper.yaml",
+    "tiny-cpu": "tiny-cpu.yaml",
+    "zephyr-7b-spin": "zephyr-7b-spin.yaml",
+    "qwen3-8b-spin": "qwen3-8b-spin.yaml",
+    "qwen3-30b-a3b-spin": "qwen3-30b-a3b-spin.yaml",
+}
 
 
 def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> SpinConfig:
@@ -438,11 +472,17 @@ NUMERIC_RANGES: dict[str, Range] = {
     "model.rms_norm_eps": POSITIVE,
     "model.sliding_window": AT_LEAST_1,
     "model.init_std": POSITIVE,
+    "model.num_experts": AT_LEAST_1,
+    "model.moe_ffn_hidden_size": AT_LEAST_1,
+    "model.moe_router_topk": AT_LEAST_1,
+    "model.moe_aux_loss_coeff": NON_NEGATIVE,  # 0: no balancing loss
     "parallel.tensor_parallel": AT_LEAST_1,
     "parallel.pipeline_parallel": AT_LEAST_1,
     "parallel.virtual_pipeline_parallel": AT_LEAST_1,
     "parallel.first_stage_layers": AT_LEAST_1,
     "parallel.last_stage_layers": AT_LEAST_1,
+    "parallel.expert_parallel": AT_LEAST_1,
+    "parallel.expert_tensor_parallel": AT_LEAST_1,
     "data.max_prompt_length": AT_LEAST_1,
     "data.max_length": Range(2),
     "data.max_samples": AT_LEAST_1,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spin_mega.parallel.distributed import free_port
+from spin_mega.parallel.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,6 +3,8 @@ subpackage and data file the editable install sees."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -24,6 +26,31 @@ def _source_packages() -> set[str]:
         elif top in MAPPED:
             found.add(MAPPED[top] + rel[len(top):])
     return found
+
+
+# Where a fresh interpreter finds every package named on argv. Found, not imported: the packages' own
+# imports (torch, megatron, vLLM) are the rest of the suite's business and would cost seconds each here.
+FIND_ALL = ("import importlib.util, json, sys; "
+            "print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) for n in sys.argv[1:]}))")
+
+
+def _find_all(packages: list[str], cwd: Path, env: dict | None = None) -> dict[str, str]:
+    result = subprocess.run([sys.executable, "-c", FIND_ALL, *packages], cwd=cwd, capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_editable_install_finds_every_package(tmp_path):
+    # Outside the checkout, so that only the installation can find them.
+    packages = sorted(p.replace("/", ".") for p in _source_packages())
+    found = _find_all(packages, cwd=tmp_path)
+    folders = {installed: folder for folder, installed in MAPPED.items()}
+    for package in packages:
+        parts = package.split(".")
+        mapped = folders.get("/".join(parts[:2]))
+        expected = REPO.joinpath(mapped, *parts[2:]) if mapped else REPO.joinpath(*parts)
+        assert found[package] == str(expected / "__init__.py"), (package, found[package])
 
 
 def test_mapped_folders_import_only_under_spin_mega():
@@ -57,3 +84,11 @@ def test_wheel_carries_every_package_and_asset(tmp_path):
                   "spin_mega/demo/assets/validation.jsonl"):
         assert asset in names, asset
     assert not any(n.startswith(("kernels/", "conversion/", "configs/", "tests/")) for n in names)
+
+    # The unpacked wheel first on the path: every package is found in it alone.
+    unpacked = tmp_path / "unpacked"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    packages = sorted(p.replace("/", ".") for p in _source_packages())
+    found = _find_all(packages, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(unpacked)})
+    for package in packages:
+        assert found[package] and Path(found[package]).resolve().is_relative_to(unpacked.resolve()), (package, found[package])

@@ -19,8 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     to_mcore = directions.add_parser(
         "hf-to-mcore",
         help="HF model directory -> Megatron checkpoint",
-        description="Convert an HF model directory (config.json + safetensors, Llama / Mistral / Qwen2) into a "
-        "spin-mega Megatron checkpoint that loads at any TP x PP the model can be split into.",
+        description="Convert an HF model directory (config.json + safetensors, Llama / Mistral / Qwen2 / Qwen3 / "
+        "Qwen3-MoE / Mixtral) into a spin-mega Megatron checkpoint that loads at any TP x PP (x EP) the model can be "
+        "split into; experts are written one at a time.",
     )
     to_mcore.add_argument("--hf", required=True, metavar="DIR", help="HF model directory")
     to_mcore.add_argument("--out", required=True, metavar="DIR", help="Megatron checkpoint directory to write")
@@ -39,6 +40,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="suggested pipeline parallel size, checked against the model (default 1)",
     )
     to_mcore.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        metavar="N",
+        help="suggested expert parallel size of an MoE model, checked against its experts (default 1)",
+    )
+    to_mcore.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=None,
@@ -48,7 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     to_hf = directions.add_parser(
         "mcore-to-hf",
         help="Megatron checkpoint -> HF model directory",
-        description="Export a spin-mega Megatron checkpoint (converted or trained, saved at any TP x PP) as an HF "
+        description="Export a spin-mega Megatron checkpoint (converted or trained, saved at any TP x PP x EP) as an HF "
         "model directory that transformers and vLLM load.",
     )
     to_hf.add_argument("--mcore", required=True, metavar="DIR", help="Megatron checkpoint directory")
@@ -66,7 +74,7 @@ def run(args) -> int:
 
     start = time.perf_counter()
     if args.direction == "hf-to-mcore":
-        out = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype)
+        out = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, ep=args.ep)
     else:
         if args.max_shard_size <= 0:
             raise ConfigError("--max-shard-size must be positive")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from spin_mega.cli import add_config_arguments
+    from spin_mega.commands import add_config_arguments
 
     parser = sub.add_parser(
         "generate",

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from spin_mega.cli import add_config_arguments
+    from spin_mega.commands import add_config_arguments
 
     parser = sub.add_parser(
         "run",
@@ -37,7 +37,7 @@ def run(args) -> int:
     import torch
 
     from spin_mega.errors import SpinMegaError
-    from spin_mega.loop import SpinLoop, load_run_config
+    from spin_mega.loop.driver import SpinLoop, load_run_config
 
     workdir = Path(args.workdir)
     cfg = load_run_config(args.config, args.overrides, workdir)

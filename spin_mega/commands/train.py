@@ -1,4 +1,4 @@
-"""`spin-mega train CONFIG --workdir DIR [--tp N] [--pp N] [--max-steps N]`: one SPIN iteration's training."""
+"""`spin-mega train CONFIG --workdir DIR [--tp N] [--pp N] [--ep N] [--max-steps N]`: one SPIN iteration's training."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from spin_mega.cli import add_config_arguments
+    from spin_mega.commands import add_config_arguments
 
     parser = sub.add_parser(
         "train",
@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--workdir", required=True, help="directory for checkpoints and metrics.jsonl")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (overrides parallel.tensor_parallel)")
     parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (overrides parallel.pipeline_parallel)")
+    parser.add_argument(
+        "--ep", type=int, default=None, help="expert-parallel size of an MoE model (overrides parallel.expert_parallel)"
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.set_defaults(handler=run)
 
@@ -35,6 +38,8 @@ def run(args) -> int:
         overrides.append(f"parallel.tensor_parallel={args.tp}")
     if args.pp is not None:
         overrides.append(f"parallel.pipeline_parallel={args.pp}")
+    if args.ep is not None:
+        overrides.append(f"parallel.expert_parallel={args.ep}")
     cfg = load_config(args.config, overrides)  # before importing megatron: a config error costs no start-up
     from spin_mega.training.trainer import train
 

@@ -52,10 +52,10 @@ def pair_tokens(tokenized) -> np.ndarray:
     return (2 * lengths[0] + lengths[1] + lengths[2]).astype(np.int64)
 
 
-def pack(sizes: Sequence[int] | np.ndarray, capacity: int, multiple: int = 1) -> list[list[int]]:
+def pack(sizes: Sequence[int] | np.ndarray, capacity: int, multiple: int = 1, min_rows: int = 0) -> list[list[int]]:
     """Positions of `sizes` grouped into rows of at most `capacity`, the row count a multiple of
-    `multiple` (the interleaved pipeline schedule runs micro-batches in groups of PP) and at most
-    len(sizes). First-fit decreasing gives the row count; the items are then dealt longest first onto the
+    `multiple` (the interleaved pipeline schedule runs micro-batches in groups of PP), at least `min_rows`
+    and at most len(sizes). First-fit decreasing gives the row count; the items are then dealt longest first onto the
     least-filled row that has room, which evens the rows (where that deal misses a fit first-fit found,
     first-fit's rows are kept). Deterministic; rows longest first."""
     sizes = np.asarray(sizes, dtype=np.int64)
@@ -78,7 +78,7 @@ def pack(sizes: Sequence[int] | np.ndarray, capacity: int, multiple: int = 1) ->
         else:
             free.append(capacity - int(sizes[i]))
             first_fit.append([int(i)])
-    rows = -(-len(free) // multiple) * multiple
+    rows = -(-max(len(free), min_rows) // multiple) * multiple
     if rows > len(sizes):
         raise DataError(f"{len(sizes)} pairs cannot fill {rows} packed micro-batches (a multiple of {multiple})")
     dealt = _deal(sizes, order, capacity, rows)
@@ -115,27 +115,41 @@ class PackedPairSampler:
     step, dealt to data-parallel ranks and packed into rows (module docstring). A pure function of the
     step, like the sampler it wraps, so resuming at step k asks for step k."""
 
-    def __init__(self, sampler: PairBatchSampler, tokens_per_pair: Sequence[int] | np.ndarray, pack_tokens: int, multiple: int = 1):
+    def __init__(
+        self, sampler: PairBatchSampler, tokens_per_pair: Sequence[int] | np.ndarray, pack_tokens: int, multiple: int = 1,
+        equal_rows: bool = False,
+    ):
+        """`equal_rows`: every data-parallel rank packs its share into as many rows as the rank that needs the
+        most (a mixture-of-experts model whose expert-parallel group spans data-parallel ranks exchanges
+        tokens in every forward, so all of them run the same micro-batch count). Each rank works the others'
+        counts out from the shared sampler: no communication."""
         self.sampler = sampler
         self.tokens = np.asarray(tokens_per_pair, dtype=np.int64)
         if len(self.tokens) != len(sampler.lengths):
             raise ValueError("tokens_per_pair needs one entry per pair of the sampler")
         self.pack_tokens = pack_tokens
         self.multiple = multiple
+        self.equal_rows = equal_rows
 
-    def rank_pairs(self, step: int) -> np.ndarray:
-        """This rank's share of the step's global batch: global_batch_size / dp_size pairs."""
+    def rank_pairs(self, step: int, dp_rank: Optional[int] = None) -> np.ndarray:
+        """A rank's share of the step's global batch (this rank's by default): global_batch_size / dp_size pairs."""
         pairs = np.asarray(self.sampler.global_batch(step), dtype=np.int64)
         dp = self.sampler.dp_size
         ranked = pairs[np.lexsort((pairs, -self.tokens[pairs]))]
         slot = np.arange(len(ranked))
         round_, pos = slot // dp, slot % dp
         rank_of_slot = np.where(round_ % 2 == 0, pos, dp - 1 - pos)
-        return ranked[rank_of_slot == self.sampler.dp_rank]
+        return ranked[rank_of_slot == (self.sampler.dp_rank if dp_rank is None else dp_rank)]
 
     def microbatches_for_step(self, step: int) -> list[list[int]]:
         mine = self.rank_pairs(step)
-        return [mine[row].tolist() for row in pack(self.tokens[mine], self.pack_tokens, self.multiple)]
+        min_rows = 0
+        if self.equal_rows:
+            min_rows = max(
+                len(pack(self.tokens[self.rank_pairs(step, rank)], self.pack_tokens, self.multiple))
+                for rank in range(self.sampler.dp_size)
+            )
+        return [mine[row].tolist() for row in pack(self.tokens[mine], self.pack_tokens, self.multiple, min_rows)]
 
 
 def collate_packed(

@@ -23,7 +23,7 @@ import random
 import sys
 from pathlib import Path
 
-from spin_mega.evaluation import extract_answer
+from spin_mega.evaluation.heldout import extract_answer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SEED = 20240102

@@ -31,7 +31,9 @@ import yaml
 from spin_mega.config import config_from_dict
 from spin_mega.errors import SpinMegaError
 from spin_mega.io import atomic_write_json, read_jsonl
-from spin_mega.loop import SpinLoop, log
+from spin_mega.loop.driver import SpinLoop
+from spin_mega.loop.stages import log
+from spin_mega.rundir import HELDOUT_GENERATIONS, HF_DIR, is_done, iteration_dir, stage_files
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,8 @@ ARM_OPTIM = {"optimizer": "adamw", "adam_beta1": 0.9, "adam_beta2": 0.999, "weig
 OPTIM_NOTE = "AdamW (β 0.9/0.999, no weight decay), 10% linear warm-up then linear decay to 0, gradient clipping 1.0"
 
 # Stage outputs of a SPIN run that do not depend on its learning rate: shared by every grid candidate.
-SHARED_STAGES = ("start_mcore", ".done.import_start", "baseline_eval.json", ".done.baseline_eval")
-SHARED_ITER0 = ("prompts.jsonl", "all_generations.jsonl", "generations.jsonl", "heldout_generations.jsonl",
-                "pairs.jsonl", ".done.prompts", ".done.generate", ".done.pairs")
+SHARED_STAGES = stage_files("import_start") + stage_files("baseline_eval")
+SHARED_ITER0 = stage_files("prompts") + stage_files("generate") + stage_files("pairs")
 
 
 def demo_config(start_model: Path, iterations: int, backend: Optional[str], lr: float, size: DemoSize, seed: int) -> dict:
@@ -84,9 +85,9 @@ def demo_config(start_model: Path, iterations: int, backend: Optional[str], lr: 
 
 def validation_exact_match(model_dir: Path, rows: list[dict], max_new_tokens: int) -> float:
     """Greedy exact match on validation rows: the only number the demo chooses by."""
-    from spin_mega.evaluation import _load_hf, extract_answer, greedy_responses
+    from spin_mega.evaluation.heldout import extract_answer, greedy_responses, load_hf
 
-    model, tokenizer = _load_hf(model_dir)
+    model, tokenizer = load_hf(model_dir)
     responses = greedy_responses(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
     return sum(extract_answer(t) == str(r["answer"]).strip() for t, r in zip(responses, rows)) / len(rows)
 
@@ -117,13 +118,13 @@ def _spin_grid(workdir: Path, start: Path, backend, overrides, size: DemoSize, s
         if not score_path.is_file():
             if first is not None:
                 _copy_into(first, cand_dir, SHARED_STAGES)
-                _copy_into(first / "iter_0", cand_dir / "iter_0", SHARED_ITER0)
+                _copy_into(iteration_dir(first, 0), iteration_dir(cand_dir, 0), SHARED_ITER0)
             log(f"SPIN learning-rate grid: one iteration at lr {lr:g}")
             cfg = config_from_dict(demo_config(start, 1, backend, lr, size, seed), overrides)
             code = SpinLoop(cfg, cand_dir).run()
             if code != 0:
                 raise SpinMegaError(f"the SPIN grid run at lr {lr:g} stopped with exit status {code}; re-run to resume")
-            em = validation_exact_match(cand_dir / "iter_0" / "hf", validation, cfg.eval.max_new_tokens)
+            em = validation_exact_match(iteration_dir(cand_dir, 0) / HF_DIR, validation, cfg.eval.max_new_tokens)
             atomic_write_json(score_path, {"lr": lr, "validation_exact_match": em})
         candidates.append(json.loads(score_path.read_text()) | {"dir": str(cand_dir)})
         first = first or cand_dir
@@ -170,8 +171,8 @@ def run_demo(workdir: Path, iterations: int = 2, backend: Optional[str] = None, 
     # The chosen candidate's finished iteration 0 becomes this run's; the loop then resumes at iteration 1.
     chosen_dir = Path(spin["dir"])
     _copy_into(chosen_dir, workdir, SHARED_STAGES)
-    if not (workdir / "iter_0" / ".done.eval").is_file():
-        shutil.copytree(chosen_dir / "iter_0", workdir / "iter_0", dirs_exist_ok=True)
+    if not is_done(iteration_dir(workdir, 0), "eval"):
+        shutil.copytree(iteration_dir(chosen_dir, 0), iteration_dir(workdir, 0), dirs_exist_ok=True)
     cfg = config_from_dict(demo_config(start, iterations, backend, spin["chosen_lr"], scale, seed), overrides)
     loop = SpinLoop(cfg, workdir)
     code = loop.run()
@@ -198,7 +199,7 @@ def run_demo(workdir: Path, iterations: int = 2, backend: Optional[str] = None, 
     control_dir = workdir / "grid" / f"control_lr_{control['chosen_lr']:g}"
     if not (workdir / "sft_control_eval.json").is_file():
         log(f"SFT control: evaluating the lr {control['chosen_lr']:g} control on the test split")
-        loop._evaluate(control_dir, workdir / "sft_control_eval.json", start, workdir / "iter_0" / "heldout_generations.jsonl")
+        loop.evaluate(control_dir, workdir / "sft_control_eval.json", start, iteration_dir(workdir, 0) / HELDOUT_GENERATIONS)
     control_eval = json.loads((workdir / "sft_control_eval.json").read_text())
     loop.write_summary({"sft_control": {"steps": control["steps"], "lr": control["chosen_lr"], "eval": control_eval},
                         "demo": {k: v for k, v in selection.items() if k not in ("size", "seed")}})

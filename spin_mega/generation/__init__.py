@@ -1,13 +1,8 @@
 """Sampling SPIN's rejected responses from the current model (vLLM or transformers), resumable and
 shardable. `generate` and `merge_shards` are the entry points; `spin-mega generate` wraps them."""
 
-from spin_mega.generation.base import (
-    BACKENDS,
-    GenerationBackend,
-    GenerationOutput,
-    GenerationRequest,
-    make_backend,
-)
+from spin_mega.generation.base import GenerationBackend, GenerationOutput, GenerationRequest
+from spin_mega.generation.factory import BACKENDS, make_backend
 from spin_mega.generation.runner import (
     GenerationSummary,
     generate,

@@ -16,7 +16,6 @@ from typing import Iterable, Iterator, Optional, Sequence
 from spin_mega.config import GenerationConfig
 from spin_mega.errors import SpinMegaError
 
-BACKENDS = ("vllm", "hf")
 
 
 @dataclass(frozen=True)
@@ -107,20 +106,3 @@ class GenerationBackend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def make_backend(
-    name: str, model_dir: str | Path, config: GenerationConfig, tokenizer_dir: Optional[str | Path] = None,
-    max_prompt_tokens: Optional[int] = None,
-) -> GenerationBackend:
-    """The backend called `name` ("vllm" or "hf"), loaded with `model_dir`. `max_prompt_tokens` bounds the
-    prompts it will get (vLLM then sizes its context, and so its KV cache, to prompt + new tokens)."""
-    if name == "vllm":
-        from spin_mega.generation.vllm_backend import VLLMBackend
-
-        return VLLMBackend(model_dir, config, tokenizer_dir, max_prompt_tokens=max_prompt_tokens)
-    if name == "hf":
-        from spin_mega.generation.hf_backend import HFBackend
-
-        return HFBackend(model_dir, config, tokenizer_dir)
-    raise SpinMegaError(f"unknown generation backend {name!r} (choose one of: {', '.join(BACKENDS)})")

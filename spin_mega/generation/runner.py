@@ -29,9 +29,9 @@ from spin_mega.generation.base import (
     check_model_dir,
     cut_at_eos,
     eos_token_ids,
-    make_backend,
     prompt_seed,
 )
+from spin_mega.generation.factory import make_backend
 
 Data = Union[str, os.PathLike, Sequence[dict]]
 

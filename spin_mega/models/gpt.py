@@ -1,4 +1,5 @@
-"""Megatron GPTModel for the Llama / Mistral / Qwen2 family (RMSNorm, SwiGLU, RoPE, GQA)."""
+"""Megatron GPTModel for the Llama / Mistral / Qwen2 / Qwen3 family (RMSNorm, SwiGLU, RoPE, GQA; Qwen3's
+per-head query/key RMSNorm)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from spin_mega.config import ModelConfig
+from spin_mega.models import moe
 from spin_mega.models.attention import SDPAttention
 from spin_mega.models.norm import RMSNorm
-from spin_mega.parallel.layout import check_tensor_parallel, resolve_layout
+from spin_mega.parallel.layout import check_expert_parallel, check_tensor_parallel, resolve_layout
 
 # Megatron pads the vocabulary so each TP shard is a multiple of this (efficient GEMM tiles).
 VOCAB_DIVISIBLE_BY = 128
@@ -38,16 +40,27 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def layer_spec() -> ModuleSpec:
+def layer_spec(config: TransformerConfig) -> ModuleSpec:
     """Transformer Engine layers when importable (GPU); otherwise Megatron's local layers with SDPA
     attention, never the unfused attention that materialises the score matrix, and an RMSNorm that
-    supports sequence parallelism (models/norm.py)."""
+    supports sequence parallelism (models/norm.py), also for Qwen3's query/key norms. MoE layers for a
+    config with experts (models/moe.py)."""
     if have_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        if config.num_moe_experts:
+            return moe.te_layer_spec(config)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    if config.num_moe_experts:
+        spec = moe.local_layer_spec(config)
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = SDPAttention
+    if config.qk_layernorm:
+        # Megatron's torch norm refuses sequence parallelism even here, where it normalises whole heads.
+        attention.q_layernorm = RMSNorm
+        attention.k_layernorm = RMSNorm
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
@@ -59,7 +72,7 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 def block_spec(config: TransformerConfig, vp_stage: Optional[int] = None):
     """The layer spec, or without Transformer Engine this stage's block spec, whose final norm is ours too
     (Megatron's default final norm for a bare layer spec is the torch norm that refuses sequence parallelism)."""
-    layer = layer_spec()
+    layer = layer_spec(config)
     if have_transformer_engine():
         return layer
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=RMSNorm)
@@ -75,9 +88,14 @@ def transformer_config(
     virtual_pipeline: int = 1,
     first_stage_layers: Optional[int] = None,
     last_stage_layers: Optional[int] = None,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int = 1,
 ) -> TransformerConfig:
     """Raises ConfigError (one sentence) for a layout the model cannot be split into."""
     check_tensor_parallel(model.num_attention_heads, model.num_query_groups, tensor_parallel)
+    check_expert_parallel(
+        model.num_experts, model.moe_router_topk, expert_parallel, expert_tensor_parallel, model.moe_ffn_hidden_size
+    )
     layout = resolve_layout(model.num_layers, pipeline_parallel, virtual_pipeline, first_stage_layers, last_stage_layers)
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, not {recompute!r}")
@@ -95,6 +113,7 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
@@ -114,6 +133,7 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         attention_softmax_in_fp32=True,
         cross_entropy_loss_fusion=False,
+        **moe.transformer_kwargs(model, expert_parallel, expert_tensor_parallel, dtype, have_transformer_engine()),
     )
     if recompute == "full":
         # Every layer keeps only its input and is re-run in the backward pass.

@@ -1,4 +1,5 @@
-"""Translation between a Hugging Face config.json (Llama, Mistral, Qwen2) and spin-mega's ModelConfig."""
+"""Translation between a Hugging Face config.json (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral) and
+spin-mega's ModelConfig."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from typing import Any
 from spin_mega.config import ModelConfig
 from spin_mega.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
@@ -43,13 +51,48 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
     return theta, scaling or None
 
 
+def _moe_fields(hf: dict, model_type: str) -> dict:
+    """The mixture-of-experts fields of ModelConfig (empty for a dense family); one sentence on a layout the
+    Megatron model cannot take."""
+    if model_type == "qwen3_moe":
+        if int(hf.get("decoder_sparse_step", 1)) != 1 or hf.get("mlp_only_layers"):
+            raise ConfigError(
+                "qwen3_moe with dense layers among the MoE ones (decoder_sparse_step != 1 or mlp_only_layers) is "
+                "not supported: every layer must be a mixture of experts"
+            )
+        experts = hf.get("num_experts", hf.get("num_local_experts"))
+        fields = dict(
+            moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
+            moe_norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        )
+    elif model_type == "mixtral":
+        if float(hf.get("router_jitter_noise") or 0.0):
+            raise ConfigError("router_jitter_noise is not supported (Megatron's router jitter scales the router input only)")
+        experts = hf.get("num_local_experts")
+        fields = dict(moe_ffn_hidden_size=int(hf["intermediate_size"]), moe_norm_topk_prob=True)
+    else:
+        return {}
+    if experts is None or "num_experts_per_tok" not in hf:
+        raise ConfigError(f"a {model_type} config.json must give the number of experts and num_experts_per_tok")
+    topk = int(hf["num_experts_per_tok"])
+    if topk == 1 and fields["moe_norm_topk_prob"]:
+        # Renormalised top-1 weights are all 1; megatron-core's router needs the pre-top-k softmax at top-1.
+        raise ConfigError("top-1 routing with renormalised weights (norm_topk_prob) is not supported")
+    return dict(
+        fields,
+        num_experts=int(experts),
+        moe_router_topk=topk,
+        moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
+    )
+
+
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"model_type {model_type!r} is not supported; spin-mega handles {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in ("mistral", "mixtral")) else None
     heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     head_dim = int(hf.get("head_dim") or hidden // heads)
@@ -75,6 +118,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
         sliding_window=int(window) if window else None,
+        **_moe_fields(hf, model_type),
     )
 
 
@@ -109,6 +153,30 @@ def hf_config_from_model_config(cfg: ModelConfig, torch_dtype: str = "float32", 
         if not cfg.qkv_bias:
             raise ConfigError("qwen2 models always carry a QKV bias; model.qkv_bias must be true")
         hf["use_sliding_window"] = False
+    if cfg.qk_layernorm:
+        hf["attention_bias"] = cfg.qkv_bias
+        hf["use_sliding_window"] = False
+    if cfg.architecture == "qwen3_moe":
+        hf.update(
+            moe_intermediate_size=cfg.moe_ffn_hidden_size,
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.moe_router_topk,
+            norm_topk_prob=cfg.moe_norm_topk_prob,
+            router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    if cfg.architecture == "mixtral":
+        if not cfg.moe_norm_topk_prob:
+            raise ConfigError("mixtral always renormalises its top-k routing weights; model.moe_norm_topk_prob must be true")
+        hf.update(
+            intermediate_size=cfg.moe_ffn_hidden_size,
+            num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.moe_router_topk,
+            router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+            router_jitter_noise=0.0,
+            sliding_window=cfg.sliding_window,
+        )
     hf.update(extra or {})
     return hf
 

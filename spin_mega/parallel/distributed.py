@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +14,7 @@ import torch.distributed as dist
 
 from spin_mega.errors import SpinMegaError
 from spin_mega.parallel import cpu_shim
+from spin_mega.parallel.rendezvous import first_slurm_host, free_port, rendezvous_port
 
 
 @dataclass(frozen=True)
@@ -26,25 +25,6 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     source: str  # "torchrun", "slurm" or "single"
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """The first host of a Slurm node list such as `gpu[03-05,07],login1` without calling scontrol (which
-    is not on every compute image)."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise SpinMegaError(f"cannot read the Slurm node list {nodelist!r}")
-    prefix, _, ranges = match.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{first}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def detect_launch_env() -> LaunchEnv:
@@ -66,9 +46,9 @@ def detect_launch_env() -> LaunchEnv:
         master_addr = env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else None)
         if not master_addr:
             raise SpinMegaError("under Slurm, set MASTER_ADDR or SLURM_JOB_NODELIST so ranks can find rank 0")
-        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
-        # A port derived from the job id lets jobs sharing a node not collide, with no coordination.
-        master_port = int(env.get("MASTER_PORT", 20000 + job_id % 20000))
+        # Started by srun without launch/train.sbatch (or in its container): the port every rank derives
+        # alike, as the batch script would have.
+        master_port = int(env.get("MASTER_PORT") or rendezvous_port(env, 0))
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
@@ -81,10 +61,17 @@ def detect_launch_env() -> LaunchEnv:
 
 
 def initialize(
-    tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234, virtual_pipeline: int = 1
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 1234,
+    virtual_pipeline: int = 1,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int = 1,
 ) -> LaunchEnv:
     """Starts torch.distributed and Megatron's model-parallel groups. Safe to call once per process.
-    `virtual_pipeline` > 1 selects megatron's interleaved pipeline schedule."""
+    `virtual_pipeline` > 1 selects megatron's interleaved pipeline schedule; `expert_parallel` and
+    `expert_tensor_parallel` lay out the experts of an MoE model (checked against the model beforehand:
+    parallel/layout.py's check_expert_parallel)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -94,6 +81,13 @@ def initialize(
         raise SpinMegaError(
             f"{launch.world_size} processes cannot be split into tensor parallel {tensor_parallel} x "
             f"pipeline parallel {pipeline_parallel}: the world size must be a multiple of {model_parallel}"
+        )
+    expert_grid = expert_tensor_parallel * expert_parallel * pipeline_parallel
+    if launch.world_size % expert_grid:
+        raise SpinMegaError(
+            f"{launch.world_size} processes cannot be split into expert tensor parallel {expert_tensor_parallel} x "
+            f"expert parallel {expert_parallel} x pipeline parallel {pipeline_parallel}: the world size must be a "
+            f"multiple of {expert_grid}"
         )
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -113,6 +107,8 @@ def initialize(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
             virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
+            expert_model_parallel_size=expert_parallel,
+            expert_tensor_parallel_size=expert_tensor_parallel,
         )
     model_parallel_cuda_manual_seed(seed)
     return launch

@@ -182,3 +182,38 @@ def check_tensor_parallel(num_attention_heads: int, num_query_groups: int, tenso
         raise ConfigError(
             f"tensor parallel {tensor_parallel} must divide the model's {num_attention_heads} attention heads"
         )
+
+
+def check_expert_parallel(
+    num_experts: Optional[int],
+    router_topk: int,
+    expert_parallel: int,
+    expert_tensor_parallel: int = 1,
+    expert_ffn_hidden_size: Optional[int] = None,
+) -> None:
+    """The expert layout against the model's shape, before any process group exists. megatron-core lays the
+    expert layers out over their own grid, ETP x EP x expert-DP x PP, beside the dense layers' TP x DP x PP on
+    the same ranks (the world size is checked against both in parallel/distributed.py)."""
+    ep, etp = expert_parallel, expert_tensor_parallel
+    if ep < 1 or etp < 1:
+        raise ConfigError(f"expert parallel and expert tensor parallel must be at least 1 (got EP {ep}, ETP {etp})")
+    if num_experts is None:
+        if ep > 1 or etp > 1:
+            raise ConfigError(
+                f"expert parallel {ep} x expert tensor parallel {etp} needs a mixture-of-experts model, "
+                "and this model has no experts"
+            )
+        return
+    if router_topk < 1 or router_topk > num_experts:
+        raise ConfigError(
+            f"top-k routing to {router_topk} experts needs between 1 and the model's {num_experts} experts"
+        )
+    if num_experts % ep:
+        raise ConfigError(
+            f"expert parallel {ep} must divide the model's {num_experts} experts (each expert-parallel rank holds "
+            "whole experts)"
+        )
+    if expert_ffn_hidden_size is not None and expert_ffn_hidden_size % etp:
+        raise ConfigError(
+            f"expert tensor parallel {etp} must divide each expert's hidden size {expert_ffn_hidden_size}"
+        )

@@ -38,6 +38,7 @@ from megatron.core import dist_checkpointing
 from spin_mega.errors import SpinMegaError, error_numbers, one_line_cause
 from spin_mega.io import atomic_write_json, atomic_write_text
 from spin_mega.models import checkpoint as model_ckpt
+from spin_mega.rundir import CHECKPOINTS_DIR, LATEST_POINTER
 
 KEEP_LAST = 2
 # The distributed optimizer's one format that keeps the inner optimizer's own state names (RMSProp's
@@ -56,7 +57,7 @@ FULL_DISK_SLACK = 16 << 20
 
 
 def checkpoint_root(workdir: str | Path) -> Path:
-    return Path(workdir) / "checkpoints"
+    return Path(workdir) / CHECKPOINTS_DIR
 
 
 def _step_of(path: Path) -> Optional[int]:
@@ -74,7 +75,7 @@ def complete_checkpoints(workdir: str | Path) -> list[Path]:
 
 def latest_checkpoint(workdir: str | Path) -> Optional[Path]:
     root = checkpoint_root(workdir)
-    pointer = root / "latest"
+    pointer = root / LATEST_POINTER
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
@@ -167,7 +168,7 @@ def save(
                 shutil.rmtree(final)
             os.replace(tmp, final)
             renamed = True
-            atomic_write_text(root / "latest", name + "\n")
+            atomic_write_text(root / LATEST_POINTER, name + "\n")
         except OSError as exc:
             failure = exc
             if renamed:  # `latest` still names the previous checkpoint: take back the new one
@@ -227,7 +228,7 @@ def _save_failed(root: Path, name: str, tmp: Path, failure: Optional[BaseExcepti
     if dist.get_rank() == 0:
         full = errno_full or shutil.disk_usage(root).free < FULL_DISK_SLACK
         shutil.rmtree(tmp, ignore_errors=True)
-        pointer = root / "latest"
+        pointer = root / LATEST_POINTER
         kept = f"{pointer.read_text().strip()} is kept" if pointer.is_file() else "no earlier checkpoint exists"
         if full:
             message = (
@@ -294,8 +295,11 @@ def _prune(root: Path, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel", "first_stage_layers", "last_stage_layers")
-LAYOUT_DEFAULTS = (1, 1, 1, None, None)
+LAYOUT_KEYS = (
+    "tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel", "first_stage_layers", "last_stage_layers",
+    "expert_parallel", "expert_tensor_parallel",
+)
+LAYOUT_DEFAULTS = (1, 1, 1, None, None, 1, 1)
 
 
 def _layout(parallel: dict) -> tuple:
@@ -303,10 +307,12 @@ def _layout(parallel: dict) -> tuple:
 
 
 def _describe(layout: tuple) -> str:
-    tp, pp, vpp, first, last = layout
+    tp, pp, vpp, first, last, ep, etp = layout
     text = f"tensor parallel {tp} x pipeline parallel {pp}"
     if vpp != 1:
         text += f" x virtual pipeline {vpp}"
+    if ep != 1 or etp != 1:
+        text += f" x expert parallel {ep} (expert tensor parallel {etp})"
     if first is not None or last is not None:
         text += f" (first/last stage layers {first}/{last})"
     return text
@@ -314,9 +320,9 @@ def _describe(layout: tuple) -> str:
 
 def check_resume_layout(saved_parallel: dict, parallel: dict) -> None:
     """Refuses, before loading anything, a resume whose optimizer state cannot be read back: the distributed
-    optimizer's flat per-rank buffers only at the model-parallel layout (TP, PP, virtual stages, layer split)
-    they were written at, and never across the two optimizer formats. `parallel`: this run's ParallelConfig
-    as a dict."""
+    optimizer's flat per-rank buffers only at the model-parallel layout (TP, PP, virtual stages, layer split,
+    EP and expert TP) they were written at, and never across the two optimizer formats. `parallel`: this run's
+    ParallelConfig as a dict."""
     was_distributed = bool(saved_parallel.get("distributed_optimizer", False))
     if was_distributed != bool(parallel.get("distributed_optimizer", False)):
         raise SpinMegaError(
@@ -373,7 +379,7 @@ def resume(
     missing) is renamed `<name>.corrupt-<time>`, never deleted, `latest` is pointed at the next older
     complete checkpoint, and that one is tried; with none left, training starts from the beginning."""
     root = checkpoint_root(workdir)
-    pointer = root / "latest"
+    pointer = root / LATEST_POINTER
     candidate = root / pointer.read_text().strip() if pointer.is_file() else None
     if candidate is not None and _step_of(candidate) is None:
         complete = complete_checkpoints(workdir)

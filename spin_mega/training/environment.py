@@ -12,6 +12,8 @@ the same report, so what `env` says is what `train` does. Choices:
 - sequence parallelism: on when asked and TP > 1; distributed optimizer: when asked (training/optim.py).
 - packing: `data.packing`; its attention kernel is models/packed_attention.py's `choose_backend` (TE, flash-attn
   varlen, torch varlen_attn, FlexAttention, or SDPA per sequence on CPU).
+- mixture of experts (models/moe.py): the all-to-all token dispatcher with CUDA, the all-gather one on gloo;
+  one grouped GEMM for the experts with Transformer Engine or `grouped_gemm` on CUDA, else one GEMM each.
 """
 
 from __future__ import annotations
@@ -137,7 +139,43 @@ def training_choices(cfg: SpinConfig) -> list[Choice]:
         )
     )
     choices.append(Choice("process groups", "nccl" if cuda else "gloo", "CUDA found" if cuda else "no CUDA: CPU shim active"))
+    choices += _moe_choices(cfg)
     return choices
+
+
+def _moe_choices(cfg: SpinConfig) -> list[Choice]:
+    """For a mixture-of-experts model (read from the start model when there is one): dispatcher and expert GEMMs."""
+    from spin_mega.errors import SpinMegaError
+    from spin_mega.models import moe
+    from spin_mega.models.gpt import have_transformer_engine
+    from spin_mega.training.pipeline import start_model_shape
+
+    try:
+        model = start_model_shape(cfg)
+    except SpinMegaError:
+        return []  # the start model is not readable here; `train` says why
+    if not model.is_moe:
+        return []
+    p = cfg.parallel
+    dispatcher = moe.token_dispatcher()
+    grouped = moe.have_grouped_gemm(have_transformer_engine())
+    return [
+        Choice(
+            "experts",
+            f"{model.num_experts} per layer, top-{model.moe_router_topk}, EP {p.expert_parallel} x expert TP {p.expert_tensor_parallel}",
+            f"model {model.architecture}; parallel.expert_parallel={p.expert_parallel}",
+        ),
+        Choice(
+            "token dispatcher",
+            dispatcher,
+            "CUDA found (NCCL all-to-all)" if dispatcher == "alltoall" else "no CUDA: gloo runs the all-gather, not the all-to-all",
+        ),
+        Choice(
+            "expert GEMMs",
+            "grouped" if grouped else "one per local expert (SequentialMLP)",
+            "Transformer Engine or grouped_gemm with CUDA" if grouped else "no Transformer Engine or grouped_gemm with CUDA",
+        ),
+    ]
 
 
 def summary(choices: list[Choice]) -> str:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from spin_mega.config import LossConfig
+from spin_mega.models.moe import isolated_router_state, routing_padding_mask
 from spin_mega.models.packed_attention import packed_seq_params
 from spin_mega.training.logprobs import check_label_range, response_rows, sequence_logprobs
 from spin_mega.training.loss import spin_loss
@@ -75,14 +76,19 @@ class PolicyOpponent(torch.nn.Module):
             opponent.set_input_tensor(incoming[:, half:].detach())
         elif incoming is not None:
             self.policy.set_input_tensor(incoming)
-        policy_hidden = self.policy(input_ids, position_ids, None, packed_seq_params=packed)
+        # MoE: right padding stays out of the routers' balancing statistics (None for a dense model). A packed
+        # row [1, t] has padding only after its last sequence, which is what the mask marks there too.
+        padding = routing_padding_mask(self.policy, labels)
+        moe_kwargs = {} if padding is None else {"padding_mask": padding}
+        policy_hidden = self.policy(input_ids, position_ids, None, packed_seq_params=packed, **moe_kwargs)
         if last_stage:
             outputs = [sequence_logprobs(self.policy, policy_hidden, labels, self.vocab_size, self.logprob_impl, rows, segments)]
         else:
             outputs = [policy_hidden]
         if opponent is not None:
-            with torch.no_grad():
-                opponent_hidden = opponent(input_ids, position_ids, None, packed_seq_params=packed)
+            # The balancing loss and the routers' running counts belong to the policy alone (models/moe.py).
+            with torch.no_grad(), isolated_router_state(opponent):
+                opponent_hidden = opponent(input_ids, position_ids, None, packed_seq_params=packed, **moe_kwargs)
                 if last_stage:
                     opponent_hidden = sequence_logprobs(
                         opponent, opponent_hidden, labels, self.vocab_size, self.logprob_impl, rows, segments

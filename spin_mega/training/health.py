@@ -27,12 +27,10 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from spin_mega.errors import TrainingUnhealthy
 from spin_mega.io import atomic_write_json, read_jsonl
+from spin_mega.rundir import UNHEALTHY_MARKER, read_stop
 
 if TYPE_CHECKING:
     from spin_mega.training.first_step import FirstStepCheck
-
-UNHEALTHY_MARKER = "unhealthy.json"
-EXIT_UNHEALTHY = TrainingUnhealthy.exit_code
 
 # The order of the agreed vector; the non-finite flags are counts of ranks that saw them.
 _LOSS_BAD, _LOGPS_BAD, _GRAD_BAD, _CHOSEN_DELTA, _CHOSEN_TOKENS, _REJECTED_DELTA, _REJECTED_TOKENS = range(7)
@@ -235,23 +233,6 @@ def record_stop(
         "time": time.time(),
     }
     atomic_write_json(Path(workdir) / UNHEALTHY_MARKER, record)
-    return record
-
-
-def read_stop(workdir: Path) -> Optional[dict]:
-    path = Path(workdir) / UNHEALTHY_MARKER
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        record = {}
-    if not isinstance(record, dict):
-        record = {}
-    record.setdefault("step", "?")
-    record.setdefault("cause", "an unhealthy value")
-    record.setdefault("last_good", "unknown")
-    record.setdefault("advice", "lower optim.lr in a new --workdir")
     return record
 
 

@@ -12,11 +12,9 @@ from typing import Callable, Optional
 from spin_mega.config import SpinConfig
 from spin_mega.errors import ConfigError
 from spin_mega.io import atomic_write_text, read_jsonl
+from spin_mega.rundir import METRICS
 from spin_mega.training import trackers
 from spin_mega.training.health import finite_json_line
-
-METRICS_FILE = "metrics.jsonl"
-
 
 def truncate_after(path: Path, step: int) -> None:
     """Drops metrics logged after the checkpoint being resumed, so the file reads as one clean run."""
@@ -72,5 +70,5 @@ def check_trackers(cfg: SpinConfig, is_writer: bool, device) -> None:
 def open_metrics(cfg: SpinConfig, workdir: Path, start_step: int, is_writer: bool, device) -> Optional[MetricsWriter]:
     """Collective. The writer rank's MetricsWriter (None elsewhere), its trackers continuing from `start_step`."""
     return _agreed(
-        lambda: MetricsWriter(workdir / METRICS_FILE, trackers.open_trackers(cfg, workdir, start_step)), is_writer, device
+        lambda: MetricsWriter(workdir / METRICS, trackers.open_trackers(cfg, workdir, start_step)), is_writer, device
     )

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from spin_mega.config import ModelConfig, SpinConfig
-from spin_mega.errors import SpinMegaError
-from spin_mega.parallel.layout import PipelineLayout, check_tensor_parallel, resolve_layout
+from spin_mega.errors import ConfigError, SpinMegaError
+from spin_mega.parallel.layout import PipelineLayout, check_expert_parallel, check_tensor_parallel, resolve_layout
 
 
 def start_model_shape(cfg: SpinConfig) -> ModelConfig:
@@ -21,10 +21,19 @@ def start_model_shape(cfg: SpinConfig) -> ModelConfig:
 
 
 def check_layout(cfg: SpinConfig) -> PipelineLayout:
-    """Refuses a TP x PP x VPP layout the model cannot be split into (ConfigError, one sentence)."""
+    """Refuses a TP x PP x VPP (x EP x expert TP) layout the model cannot be split into (ConfigError, one
+    sentence)."""
     p = cfg.parallel
     model = start_model_shape(cfg)
     check_tensor_parallel(model.num_attention_heads, model.num_query_groups, p.tensor_parallel)
+    check_expert_parallel(
+        model.num_experts, model.moe_router_topk, p.expert_parallel, p.expert_tensor_parallel, model.moe_ffn_hidden_size
+    )
+    if model.is_moe and p.tensor_parallel > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            f"a mixture-of-experts model at tensor parallel {p.tensor_parallel} needs parallel.sequence_parallel: "
+            "true (megatron-core does not train its MoE layers under TP without it)"
+        )
     return resolve_layout(
         model.num_layers, p.pipeline_parallel, p.virtual_pipeline_parallel, p.first_stage_layers, p.last_stage_layers
     )
@@ -65,7 +74,9 @@ def no_sync_func(chunks: list):
     return chunks[0].no_sync if len(chunks) == 1 else [chunk.no_sync for chunk in chunks]
 
 
-def data_iterators(micro_batches: Iterable[dict], chunks: list, pad_id: int, fixed_length: Optional[int] = None):
+def data_iterators(
+    micro_batches: Iterable[dict], chunks: list, pad_id: int, fixed_length: Optional[int] = None, equal_across_ranks: bool = False
+):
     """One iterator without interleaving. With it, the schedule draws each micro-batch once per chunk, so
     each chunk gets its own iterator over the same micro-batches, all of one length: `fixed_length` when
     given (each chunk then re-reads `micro_batches`, so nothing is held: the opponent precompute over the
@@ -74,7 +85,18 @@ def data_iterators(micro_batches: Iterable[dict], chunks: list, pad_id: int, fix
     Equal lengths because megatron-core 0.16 exchanges the shapes of variable-length activations with
     batched p2p even when the tensors go unbatched; at PP 2 a stage's previous and next peer are the same
     rank, and a shape sent backwards was matched to one expected forwards (a [40, b, h] gradient met a
-    [48, b, h] output). Equal shapes make that crossing harmless."""
+    [48, b, h] output). Equal shapes make that crossing harmless.
+
+    `equal_across_ranks` (MoE with the all-gather token dispatcher over expert-parallel ranks, which gathers
+    equal token counts): every micro-batch of every rank has one length, `fixed_length` when given, else the
+    longest of the step over all ranks (one all-reduce)."""
+    if equal_across_ranks:
+        if fixed_length is not None:
+            return _each_chunk(chunks, lambda: (_pad_to(batch, fixed_length, pad_id) for batch in micro_batches))
+        batches = list(micro_batches)
+        length = _longest_over_ranks(max((batch["input_ids"].shape[1] for batch in batches), default=0))
+        batches = [_pad_to(batch, length, pad_id) for batch in batches]
+        return _each_chunk(chunks, lambda: iter(batches))
     if len(chunks) == 1:
         return iter(micro_batches)
     if fixed_length is not None:
@@ -83,6 +105,20 @@ def data_iterators(micro_batches: Iterable[dict], chunks: list, pad_id: int, fix
     length = max(batch["input_ids"].shape[1] for batch in batches)
     batches = [_pad_to(batch, length, pad_id) for batch in batches]
     return [iter(batches) for _ in chunks]
+
+
+def _each_chunk(chunks: list, make):
+    return make() if len(chunks) == 1 else [make() for _ in chunks]
+
+
+def _longest_over_ranks(length: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    longest = torch.tensor([length], dtype=torch.int64, device=device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    return int(longest.item())
 
 
 def _pad_to(batch: dict, length: int, pad_id: int) -> dict:

@@ -55,22 +55,32 @@ def peak_flops(override_tflops: Optional[float] = None) -> Optional[Peak]:
     return peak_for_device_name(torch.cuda.get_device_name())
 
 
-def non_embedding_params(model: ModelConfig) -> int:
+def non_embedding_params(model: ModelConfig, active: bool = False) -> int:
     """Weights of the transformer layers and final norm of the whole model (input embedding and output layer
-    excluded), from its shape: the same for every TP/PP layout, even or uneven."""
+    excluded), from its shape: the same for every TP/PP/EP layout, even or uneven. `active`: for a mixture of
+    experts, only the router and the top-k experts a token passes through (what its FLOPs scale with)."""
     h, d = model.hidden_size, model.head_dim
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
     attention = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if model.qkv_bias else 0)
-    mlp = 3 * h * model.ffn_hidden_size  # gated: gate and up projections, then down
+    if model.qk_layernorm:
+        attention += 2 * d  # one RMSNorm weight over head_dim for the queries, one for the keys
+    if model.is_moe:
+        experts = model.moe_router_topk if active else model.num_experts
+        mlp = model.num_experts * h + experts * 3 * h * model.moe_ffn_hidden_size  # router, gated experts
+    else:
+        mlp = 3 * h * model.ffn_hidden_size  # gated: gate and up projections, then down
     norms = 2 * h
     return model.num_layers * (attention + mlp + norms) + h
 
 
-def transformer_flops_per_token(num_params_no_embed: int, num_layers: int, hidden: int, seq_len: int, vocab: int) -> float:
+def transformer_flops_per_token(
+    num_params_no_embed: int, num_layers: int, hidden: int, seq_len: int, vocab: int, attention_width: Optional[int] = None
+) -> float:
     """Forward FLOPs per token: 2 per weight of the dense layers and the output layer, plus causal attention
-    (QK^T and PV: 2 * 2 * s * h per layer, halved for the causal mask)."""
+    (QK^T and PV: 2 * 2 * s * heads * head_dim per layer, halved for the causal mask). `attention_width`:
+    heads x head_dim when it differs from the hidden size (Qwen3)."""
     dense = 2.0 * (num_params_no_embed + hidden * vocab)
-    attention = 2.0 * num_layers * seq_len * hidden
+    attention = 2.0 * num_layers * seq_len * (attention_width or hidden)
     return dense + attention
 
 
@@ -84,7 +94,10 @@ def spin_step_flops(forward_flops_per_token: float, tokens: int, fused_opponent:
 def mfu(model: ModelConfig, real_tokens: int, seq_len: int, fused_opponent: bool, step_time: float, peak: Peak, world_size: int) -> float:
     """Model FLOPs utilisation of one optimizer step over all `world_size` GPUs; `real_tokens` excludes padding
     (the FLOPs spent on padding are waste, not model FLOPs)."""
-    per_token = transformer_flops_per_token(non_embedding_params(model), model.num_layers, model.hidden_size, seq_len, model.vocab_size)
+    per_token = transformer_flops_per_token(
+        non_embedding_params(model, active=True), model.num_layers, model.hidden_size, seq_len, model.vocab_size,
+        attention_width=model.num_attention_heads * model.head_dim,
+    )
     return spin_step_flops(per_token, real_tokens, fused_opponent) / (step_time * peak.flops * world_size)
 
 

@@ -25,15 +25,18 @@ from spin_mega.config import SpinConfig, config_to_dict
 from spin_mega.errors import SpinMegaError, TrainingUnhealthy
 from spin_mega.io import atomic_write_json
 from spin_mega.models import checkpoint as model_ckpt
+from spin_mega.models import moe
 from spin_mega.models.chunks import build_model_chunks
 from spin_mega.models.gpt import have_transformer_engine, padded_vocab_size, transformer_config
 from spin_mega.models.hf_config import resolve_model_config
 from spin_mega.models.packed_attention import choose_backend
 from spin_mega.parallel import distributed
+from spin_mega.rundir import EXIT_PREEMPTED, EXIT_UNHEALTHY, METRICS, PREEMPTED_MARKER, START_MCORE, TRAIN_SUMMARY
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
 from spin_mega.training import metrics
 from spin_mega.training import pipeline
+from spin_mega.training.aux_loss import step_aux_loss
 from spin_mega.training.environment import resolve_dtype, summary, training_choices
 from spin_mega.training.first_step import RTOL as FIRST_STEP_RTOL
 from spin_mega.training.first_step import FirstStepCheck
@@ -42,9 +45,6 @@ from spin_mega.training.logprobs import resolve_impl
 from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
 from spin_mega.training.telemetry import GpuTelemetry, mfu, peak_flops
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after a signal; run the same command to resume
-# Also left in the work directory on that exit: torchrun reports a worker's 75 as its own exit 1.
-PREEMPTED_MARKER = "preempted.json"
 OPPONENT_FILE = "opponent_logps.json"
 
 
@@ -132,7 +132,7 @@ def _prepare_start(cfg: SpinConfig, workdir: Path) -> _Start:
         tok = start_path / model_ckpt.TOKENIZER_SUBDIR
         return _Start(start_path, tokenizer or (tok if tok.is_dir() else None))
     if (start_path / "config.json").is_file():
-        imported = workdir / "start_mcore"
+        imported = workdir / START_MCORE
         if not model_ckpt.is_model_checkpoint(imported):
             if dist.get_rank() == 0:
                 _log(f"importing the HF model {start_path} into {imported}")
@@ -218,7 +218,8 @@ class Trainer:
         # Before any process group: a layout the model cannot be split into fails in a second.
         self.layout = pipeline.check_layout(cfg)
         self.launch = distributed.initialize(
-            p.tensor_parallel, p.pipeline_parallel, seed=cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel
+            p.tensor_parallel, p.pipeline_parallel, seed=cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel,
+            expert_parallel=p.expert_parallel, expert_tensor_parallel=p.expert_tensor_parallel,
         )
         if dist.get_rank() == 0:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -236,6 +237,9 @@ class Trainer:
                 "training attends over the full context, so keep sequences within the window"
             )
         self.padded_vocab = padded_vocab_size(self.model_cfg.vocab_size, p.tensor_parallel)
+        self.equal_lengths = moe.needs_equal_token_counts(
+            self.model_cfg, p.expert_parallel, p.expert_tensor_parallel, p.tensor_parallel
+        )
         self.tokenizer = _load_tokenizer(self.start.tokenizer_dir)
         metrics.check_trackers(cfg, _is_metrics_writer(), _device())
         self._setup_data()
@@ -275,7 +279,13 @@ class Trainer:
             pack_tokens = resolve_pack_tokens(cfg.data.pack_tokens, cfg.train.micro_batch_size, cfg.data.max_length)
             # The interleaved schedule runs micro-batches in groups of PP: the packer makes that many rows.
             multiple = self.layout.pipeline_parallel if self.layout.interleaved else 1
-            self.packer = PackedPairSampler(self.sampler, pair_tokens(self.dataset), pack_tokens, multiple)
+            p = cfg.parallel
+            experts_span_data_parallel = self.model_cfg.is_moe and (
+                p.expert_parallel > 1 or p.expert_tensor_parallel > p.tensor_parallel
+            )
+            self.packer = PackedPairSampler(
+                self.sampler, pair_tokens(self.dataset), pack_tokens, multiple, equal_rows=experts_span_data_parallel
+            )
             _log(f"packing: each step's pairs in rows of at most {pack_tokens} tokens (data.pack_tokens)")
         _log(self.layout.describe(self.num_microbatches))
 
@@ -292,6 +302,8 @@ class Trainer:
             virtual_pipeline=p.virtual_pipeline_parallel,
             first_stage_layers=p.first_stage_layers,
             last_stage_layers=p.last_stage_layers,
+            expert_parallel=p.expert_parallel,
+            expert_tensor_parallel=p.expert_tensor_parallel,
         )
         # Variable-length micro-batches (length bucketing) need shapes exchanged between stages.
         tconfig.variable_seq_lengths = True
@@ -370,17 +382,24 @@ class Trainer:
         mbs = self.cfg.train.micro_batch_size
         # Forward-only passes need no data-parallel synchronisation, so DP ranks may run unequal counts.
         mine = list(range(parallel_state.get_data_parallel_rank(), n, self.dp_size))
-        batches = pipeline.pad_microbatches([mine[i : i + mbs] for i in range(0, len(mine), mbs)], self.layout)
+        batches = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
+        if self.equal_lengths and batches:
+            # Expert-parallel ranks exchange tokens in every forward: all run as many micro-batches (a repeat of
+            # a rank's own batch writes the same sums again).
+            batches += [batches[0]] * (math.ceil(math.ceil(n / self.dp_size) / mbs) - len(batches))
+        batches = pipeline.pad_microbatches(batches, self.layout)
         chosen = torch.zeros(n, dtype=torch.float64, device=_device())
         rejected = torch.zeros(n, dtype=torch.float64, device=_device())
         data = _MicroBatches(self.dataset, batches, self.pad_id, None, self.pad_multiple)
         longest = math.ceil(self.cfg.data.max_length / self.pad_multiple) * self.pad_multiple
         for chunk in self.model_chunks:
             chunk.eval()
-        with torch.no_grad():
+        with torch.no_grad(), moe.isolated_router_state(*self.policies):
             outputs = get_forward_backward_func()(
                 forward_step_func=make_logprob_step(),
-                data_iterator=pipeline.data_iterators(data, self.model_chunks, self.pad_id, fixed_length=longest),
+                data_iterator=pipeline.data_iterators(
+                    data, self.model_chunks, self.pad_id, fixed_length=longest, equal_across_ranks=self.equal_lengths
+                ),
                 model=self.model_chunks,
                 num_microbatches=len(batches),
                 seq_length=self.cfg.data.max_length,
@@ -425,7 +444,9 @@ class Trainer:
         self.optimizer.zero_grad()
         return get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=pipeline.data_iterators(data, self.model_chunks, self.pad_id),
+            data_iterator=pipeline.data_iterators(
+                data, self.model_chunks, self.pad_id, equal_across_ranks=self.equal_lengths
+            ),
             model=self.model_chunks,
             num_microbatches=len(data.batches),
             seq_length=self.cfg.data.max_length,
@@ -460,7 +481,7 @@ class Trainer:
         dist.barrier()
         if dist.get_rank() == 0:
             raise TrainingUnhealthy(health.stop_message(record))
-        return health.EXIT_UNHEALTHY
+        return EXIT_UNHEALTHY
 
     def run(self) -> int:
         health.refuse_to_resume(self.workdir)
@@ -474,7 +495,7 @@ class Trainer:
             start_step = int(state["step"])
             _log(f"resuming from {latest} (step {start_step} of {self.total_steps})")
         if _is_metrics_writer():
-            metrics.truncate_after(self.workdir / metrics.METRICS_FILE, start_step)
+            metrics.truncate_after(self.workdir / METRICS, start_step)
         if dist.get_rank() == 0:
             (self.workdir / PREEMPTED_MARKER).unlink(missing_ok=True)
         if start_step >= self.total_steps:
@@ -492,7 +513,7 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=self.total_steps, initial=start_step, desc="SPIN training", unit="step", file=sys.stderr)
-        metrics_path = self.workdir / metrics.METRICS_FILE
+        metrics_path = self.workdir / METRICS
         peak = peak_flops(cfg.train.peak_tflops)
         guard = health.HealthGuard(cfg.train.collapse_bound, cfg.train.on_collapse == "stop", cfg.loss.beta, _log)
         precision = "bf16" if self.dtype == torch.bfloat16 else "fp16" if self.dtype == torch.float16 else "fp32"
@@ -504,6 +525,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 data = self.step_data(step, opponent_table)
                 outputs = self.forward_backward(data, forward_step)
+                # Packed steps run as many micro-batches as their rows, not the padded count.
+                aux_loss = step_aux_loss(self.model_cfg, len(data.batches), _device())
                 lr = self.optimizer.param_groups[0]["lr"]
                 checked = guard.step(self.optimizer, outputs, _device(), step + 1)
                 grad_norm = checked.grad_norm
@@ -522,6 +545,8 @@ class Trainer:
                     pairs = max(stats[STAT_NAMES.index("pairs")].item(), 1.0)
                     row = {"step": done, **{name: stats[i].item() / pairs for i, name in enumerate(STAT_NAMES) if name != "pairs"}}
                     row["reward_margin"] = row["reward_chosen"] - row["reward_rejected"]
+                    if aux_loss is not None:
+                        row["aux_loss"] = aux_loss
                     row["pairs"] = int(pairs)
                     row["lr"] = lr
                     row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
@@ -554,7 +579,7 @@ class Trainer:
                 self._save(self.total_steps)
             if dist.get_rank() == 0:
                 atomic_write_json(
-                    self.workdir / "train_summary.json",
+                    self.workdir / TRAIN_SUMMARY,
                     {"steps": self.total_steps, "data": self.data_stats.as_dict(), "checkpoint": str(train_ckpt.latest_checkpoint(self.workdir)),
                      "health": guard.summary()},
                 )

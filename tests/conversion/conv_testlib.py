@@ -53,13 +53,38 @@ ARCH_CONFIGS = {
     "qwen2": dict(
         _COMMON, model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False
     ),
+    # head_dim decoupled from hidden / heads (4 x 64 = 256 query rows on a hidden size of 128), as in every
+    # Qwen3 (0.6B: 16 x 128 on 1024); tied embeddings as Qwen3 up to 4B; per-head query/key norms.
+    "qwen3": dict(
+        _COMMON, model_type="qwen3", hidden_size=128, tie_word_embeddings=True, rope_theta=1000000.0,
+        use_sliding_window=False,
+    ),
 }
+
+# Mixture-of-experts models: 2 layers of 4 experts, 2 routed per token, hidden 64, each expert 48 wide (distinct
+# from the dense intermediate size, so a mixed-up width shows). Qwen3-MoE keeps the full softmax's top-2
+# probabilities (norm_topk_prob=False: megatron's pre-softmax routing); Mixtral renormalises them.
+_MOE_COMMON = dict(
+    _COMMON, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    num_experts_per_tok=2, router_aux_loss_coef=0.02, tie_word_embeddings=False, rope_theta=1000000.0,
+)
+MOE_CONFIGS = {
+    "qwen3_moe": dict(
+        _MOE_COMMON, model_type="qwen3_moe", intermediate_size=96, moe_intermediate_size=48, num_experts=4,
+        norm_topk_prob=False, use_sliding_window=False,
+    ),
+    "mixtral": dict(_MOE_COMMON, model_type="mixtral", intermediate_size=48, num_local_experts=4, sliding_window=None),
+}
+ALL_CONFIGS = {**ARCH_CONFIGS, **MOE_CONFIGS}
+# HF initialises routers like every linear layer (std 0.02): on a tiny model its logits would nearly tie, and a
+# float-noise tie flips a token's experts. Scaled up, routing is decisive (and uneven, so balancing matters).
+ROUTER_SCALE = 40.0
 
 
 def hf_config(arch: str):
     from transformers import AutoConfig
 
-    cfg = dict(ARCH_CONFIGS[arch])
+    cfg = dict(ALL_CONFIGS[arch])
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
@@ -73,6 +98,8 @@ def build_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32)
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+            if name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight"):
+                param.mul_(ROUTER_SCALE)
     return model.eval()
 
 

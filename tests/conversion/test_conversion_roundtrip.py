@@ -96,7 +96,7 @@ def test_vocab_padding_is_zero_filled(sources, arch):
     from spin_mega.conversion.dist_ckpt import CheckpointReader
 
     reader = CheckpointReader(sources[arch]["mcore"] / "model")
-    embedding = reader.read("embedding.word_embeddings.weight", (0, 0), (1152, 256))
+    embedding = reader.read("embedding.word_embeddings.weight", (0, 0), (1152, ARCH_CONFIGS[arch]["hidden_size"]))
     assert torch.count_nonzero(embedding[VOCAB:]) == 0
     assert torch.equal(embedding[:VOCAB], read_safetensors_dir(sources[arch]["hf"])["model.embed_tokens.weight"])
 

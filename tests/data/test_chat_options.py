@@ -11,7 +11,7 @@ from tokenizers.processors import TemplateProcessing
 from spin_mega.config import DataConfig
 from spin_mega.data import tokenize_pairs
 from spin_mega.data.chat import render_prompt
-from spin_mega.evaluation import response_logprobs
+from spin_mega.evaluation.heldout import response_logprobs
 from spin_mega.generation.runner import prepare_prompts
 from tests.data.conftest import CHAT_TEMPLATE, build_tiny_tokenizer
 

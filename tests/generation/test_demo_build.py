@@ -37,7 +37,7 @@ def test_shipped_data_is_sized_for_a_fair_comparison_and_well_formed():
 
 
 def test_the_evaluators_answer_extraction_agrees_with_the_data():
-    from spin_mega.evaluation import extract_answer
+    from spin_mega.evaluation.heldout import extract_answer
 
     for row in load_demo_rows("train") + load_demo_rows("validation") + load_demo_rows("heldout"):
         assert extract_answer(row["response"]) == row["answer"]

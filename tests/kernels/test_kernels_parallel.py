@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from kernel_dist_workers import fused_linear_worker, vocab_parallel_worker
 
-from spin_mega.parallel.distributed import free_port
+from spin_mega.parallel.rendezvous import free_port
 
 WORLD = 2
 

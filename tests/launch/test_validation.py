@@ -197,6 +197,20 @@ def test_steps_get_the_allocations_cpus_and_gpus(tmp_path):
     assert gen[-2:] == ["--set", "generation.tensor_parallel_size=2"]
 
 
+def test_rendezvous_and_exit_codes_come_from_the_python_side(tmp_path):
+    from spin_mega.parallel.rendezvous import rendezvous_port
+    from spin_mega.rundir import EXIT_BAD_INPUT, EXIT_PREEMPTED
+
+    result = _launch("train.sbatch", str(CONFIG), "--workdir", str(tmp_path), *BIG_BATCH, "--dry-run",
+                     env={**_allocation(), "MASTER_ADDR": "", "SLURM_RESTART_COUNT": "3"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    port = rendezvous_port({"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "3"}, 0)
+    assert f"rendezvous node1:{port};" in result.stderr, result.stderr
+    codes = subprocess.run(["bash", "-c", f'source "{LAUNCH}/common.sh"; echo "$SPIN_EX_USAGE $SPIN_EX_TEMPFAIL"'],
+                           capture_output=True, text=True, check=True, timeout=60)
+    assert codes.stdout.split() == [str(EXIT_BAD_INPUT), str(EXIT_PREEMPTED)]
+
+
 def test_container_steps_mount_every_path_they_are_given(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from spin_mega.config import config_from_dict
 from spin_mega.io import read_jsonl
-from spin_mega.loop import SpinLoop
+from spin_mega.loop.driver import SpinLoop
 
 
 def _ultrachat_folder(root):

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from spin_mega.errors import SpinMegaError
-from spin_mega.report import LN2, PLOTS, write_report
+from spin_mega.report import write_report
+from spin_mega.report.plots import LN2, PLOTS
 from tests.support import REPO
 
 BASELINE = {"heldout_logp_per_token": -1.9, "heldout_reward_accuracy": None, "exact_match": 0.30, "num_samples": 50}

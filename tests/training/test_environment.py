@@ -53,3 +53,20 @@ def test_env_refuses_a_missing_config(tmp_path):
     result = spin_mega("env", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"spin-mega env: error: config file {tmp_path / 'missing.yaml'} does not exist"]
+
+
+def test_report_names_the_mixture_of_experts_paths(tmp_path):
+    """A Qwen3-MoE start model (its config.json is all that is read): without CUDA, gloo's all-gather dispatcher
+    and one GEMM per local expert; a dense model lists no expert choices."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_moe", "vocab_size": 400, "hidden_size": 64, "intermediate_size": 128,
+        "moe_intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2, "hidden_act": "silu",
+    }))
+    choices = _choices(environment.report(load_config(None, [f"start_model={tmp_path}", "parallel.expert_parallel=2"])))
+    assert choices["experts"] == "4 per layer, top-2, EP 2 x expert TP 1"
+    assert choices["token dispatcher"] == "allgather"
+    assert choices["expert GEMMs"] == "one per local expert (SequentialMLP)"
+    assert "experts" not in _choices(environment.report(load_config(None)))

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from spin_mega.errors import TrainingUnhealthy
-from spin_mega.training.health import UNHEALTHY_MARKER, finite_json_line
+from spin_mega.rundir import UNHEALTHY_MARKER
+from spin_mega.training.health import finite_json_line
 from tests.support import free_port, read_metrics, spin_mega
 
 EXIT_UNHEALTHY = TrainingUnhealthy.exit_code

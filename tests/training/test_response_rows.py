@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.multiprocessing as mp
 
-from spin_mega.parallel.distributed import free_port
+from spin_mega.parallel.rendezvous import free_port
 from spin_mega.training.logprobs import check_label_range, response_rows
 from tests.training.response_rows_worker import run_case
 

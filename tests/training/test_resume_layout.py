@@ -27,3 +27,18 @@ def test_plain_optimizer_state_reshards_and_formats_do_not_mix():
     check_resume_layout(plain, {"tensor_parallel": 1, "pipeline_parallel": 2, "virtual_pipeline_parallel": 2})
     with pytest.raises(SpinMegaError, match="distributed_optimizer=false; resume with the same setting"):
         check_resume_layout(plain, dict(DISTRIBUTED_TP2))
+
+
+def test_distributed_optimizer_state_of_experts_resumes_at_its_expert_layout_only():
+    """Expert weights have their own flat buffers over expert-DP: another EP or expert TP changes them. (Seen
+    on CPU: a checkpoint written at EP 2 fails to load at EP 1 inside megatron-core with a KeyError.) A
+    checkpoint written before expert parallelism existed counts as EP 1."""
+    ep2 = dict(DISTRIBUTED_TP2, expert_parallel=2)
+    check_resume_layout(ep2, dict(ep2))
+    with pytest.raises(SpinMegaError, match=r"written at tensor parallel 2 x pipeline parallel 1 x expert parallel 2 "
+                                            r"\(expert tensor parallel 1\) and reloads only there"):
+        check_resume_layout(ep2, dict(ep2, expert_parallel=1))
+    with pytest.raises(SpinMegaError, match="not at tensor parallel 2 x pipeline parallel 1 x expert parallel 2 "
+                                            r"\(expert tensor parallel 2\)"):
+        check_resume_layout(ep2, dict(ep2, expert_tensor_parallel=2))
+    check_resume_layout(DISTRIBUTED_TP2, dict(DISTRIBUTED_TP2, expert_parallel=1, expert_tensor_parallel=1))

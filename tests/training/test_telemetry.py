@@ -35,26 +35,34 @@ def test_unknown_gpu_has_no_peak_and_the_override_wins():
     assert (override.label, override.flops) == ("train.peak_tflops", 400e12)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"])
 def test_non_embedding_parameters_match_transformers(architecture):
-    """The count MFU uses, against the parameter count of the HF model of the same shape (embedding and
-    output layer excluded); qwen2 adds the q/k/v biases. It depends on the shape only, so it is right for any
+    """The count MFU is built on, against the parameter count of the HF model of the same shape (embedding and
+    output layer excluded); qwen2 adds the q/k/v biases, qwen3 the query/key norms (with head_dim 32 x 6 heads
+    decoupled from the hidden size 96), the MoE models a router and 5 experts of width 40 per layer. It depends on the shape only, so it is right for any
     TP/PP split, uneven pipeline stages included."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    moe = architecture in ("qwen3_moe", "mixtral")
     shape = ModelConfig(
-        architecture=architecture, vocab_size=320, hidden_size=96, ffn_hidden_size=200, num_layers=3,
-        num_attention_heads=6, num_query_groups=2, head_dim=32, qkv_bias=architecture == "qwen2",
+        architecture=architecture, vocab_size=320, hidden_size=96, ffn_hidden_size=40 if architecture == "mixtral" else 200,
+        num_layers=3, num_attention_heads=6, num_query_groups=2, head_dim=32, qkv_bias=architecture == "qwen2",
+        num_experts=5 if moe else None, moe_ffn_hidden_size=40 if moe else None, moe_router_topk=2,
     )
+    experts = {"qwen3_moe": dict(num_experts=5, moe_intermediate_size=40, num_experts_per_tok=2),
+               "mixtral": dict(num_local_experts=5, num_experts_per_tok=2)}.get(architecture, {})
     hf_config = AutoConfig.for_model(
         architecture, vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
         intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_query_groups,
-        head_dim=shape.head_dim, tie_word_embeddings=False,
+        head_dim=shape.head_dim, tie_word_embeddings=False, **experts,
     )
     model = AutoModelForCausalLM.from_config(hf_config)
     embeddings = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     assert non_embedding_params(shape) == sum(p.numel() for p in model.parameters()) - embeddings
+    if moe:
+        # A token passes through 2 of the 5 experts: MFU counts those.
+        assert non_embedding_params(shape) - non_embedding_params(shape, active=True) == 3 * 3 * (3 * 96 * 40)
 
 
 def test_nvml_pci_bus_id_spelling():

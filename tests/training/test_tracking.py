@@ -342,7 +342,7 @@ def test_loop_iteration_overrides_name_and_group_each_iteration(tmp_path):
 
 
 def test_loop_passes_the_overrides_to_each_training(tmp_path, monkeypatch):
-    from spin_mega.loop import SpinLoop
+    from spin_mega.loop.driver import SpinLoop
 
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", ["logging.wandb.mode=offline", "logging.wandb.name=exp"])
     loop = SpinLoop(cfg, tmp_path / "loop")

@@ -12,7 +12,10 @@ import pytest
 from spin_mega.config import SpinConfig
 from spin_mega.errors import SpinMegaError
 from spin_mega.generation.placement import engine_env
-from spin_mega.loop_stages import LocalStages, SlurmStages, rendezvous_port, training_env
+from spin_mega.loop.local import LocalStages
+from spin_mega.loop.slurm import SlurmStages
+from spin_mega.loop.stages import training_env
+from spin_mega.parallel.rendezvous import rendezvous_port, slurm_rendezvous
 
 NODE = {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_JOB_ID": "90210"}
 
@@ -46,6 +49,23 @@ def test_rendezvous_ports_follow_the_job_never_29500():
     assert 29500 not in ports and rendezvous_port({}, 1) != 29500
 
 
+def test_batch_scripts_ask_the_same_rendezvous_without_importing_torch():
+    """launch/common.sh exports what `python -m spin_mega.loop.slurm rendezvous` prints; ranks started without
+    it (a container, a bare srun) derive the same (tests/parallel/test_distributed_env.py)."""
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_RESTART_COUNT": "2"}
+    probe = ("import runpy, sys; sys.argv = ['slurm', 'rendezvous']\n"
+             "try:\n    runpy.run_module('spin_mega.loop.slurm', run_name='__main__')\n"
+             "finally:\n    print('torch' in sys.modules, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["gpu07", str(rendezvous_port(env, 0))] == ["gpu07", str(15000 + 66 * 64 + 16)]
+    assert result.stderr.strip() == "False"
+    missing = subprocess.run([sys.executable, "-m", "spin_mega.loop.slurm", "rendezvous"], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "7"}, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip() == (
+        "spin-mega launch: error: SLURM_JOB_NODELIST is not set: the rendezvous host is the allocation's first node")
+
+
 def test_training_ranks_get_one_cuda_queue_only_with_tensor_parallelism():
     cfg = SpinConfig()
     assert training_env(cfg) == {}
@@ -73,7 +93,7 @@ def test_slurm_steps_span_the_allocation_with_its_cpus(tmp_path):
     assert stages.srun(4, 8) == ["srun", "--nodes=4", "--ntasks=32", "--ntasks-per-node=8", "--kill-on-bad-exit=0",
                                  "--cpus-per-task=12"]
     assert stages.srun(1, 1)[-1] == "--cpus-per-task=96"
-    assert stages.first_host() == "gpu010"
+    assert slurm_rendezvous(env, 1) == ("gpu010", rendezvous_port(env, 1))
     assert stages.gpus_per_node == 8 and stages.engines_per_node(stages.gpus_per_node) == (8, 1)
     with pytest.raises(SpinMegaError, match="inside a Slurm allocation"):
         SlurmStages(SpinConfig(), tmp_path, 1, environ={})

@@ -7,7 +7,7 @@
   log p_new(y'|x) - log p_opp(y'|x).
 - exact_match: the task metric where the held-out rows carry an `answer`: greedy decoding, answer
   extracted as the text after the last "is " or ": " without the closing full stop (the demo's style).
-- lm-evaluation-harness tasks, when `eval.lm_eval_tasks` is set (spin_mega/leaderboard.py: the Open LLM
+- lm-evaluation-harness tasks, when `eval.lm_eval_tasks` is set (spin_mega/evaluation/leaderboard.py: the Open LLM
   Leaderboard v1 set with its few-shot counts, batched, offline).
 """
 
@@ -34,7 +34,7 @@ def extract_answer(response: str) -> str:
     return text.strip().rstrip(".").strip()
 
 
-def _load_hf(model_dir: str | Path):
+def load_hf(model_dir: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -128,14 +128,14 @@ def evaluate(
     if rows:
         result.update(_heldout_metrics(model_dir, rows, cfg, opponent_dir, heldout_pairs, chat))
     if cfg.lm_eval_tasks:
-        from spin_mega.leaderboard import run_lm_eval
+        from spin_mega.evaluation.leaderboard import run_lm_eval
 
         result["lm_eval"] = run_lm_eval(model_dir, cfg)
     return result
 
 
 def _heldout_metrics(model_dir: Path, rows: list[dict], cfg: EvalConfig, opponent_dir, heldout_pairs, chat) -> dict:
-    model, tokenizer = _load_hf(model_dir)
+    model, tokenizer = load_hf(model_dir)
     scored = response_logprobs(model, tokenizer, [(r["prompt"], r["response"]) for r in rows], chat=chat)
     total_tokens = sum(n for _, n in scored)
     result: dict[str, Any] = {
@@ -148,7 +148,7 @@ def _heldout_metrics(model_dir: Path, rows: list[dict], cfg: EvalConfig, opponen
     if opponent_dir is not None and pairs:
         texts = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
         new = response_logprobs(model, tokenizer, texts, chat=chat)
-        opp_model, opp_tok = _load_hf(opponent_dir)
+        opp_model, opp_tok = load_hf(opponent_dir)
         old = response_logprobs(opp_model, opp_tok, texts, chat=chat)
         del opp_model
         n = len(pairs)

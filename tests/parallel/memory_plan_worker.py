@@ -3,7 +3,7 @@ one optimizer step so that the optimizer's state exists, and writes, per rank, t
 live objects (parameters, DDP gradient buffers, fp32 main parameters, optimizer state) and, on a
 single-stage layout, the bytes of activations one transformer layer saves for backward.
 
-    torchrun --nproc-per-node N tests/training/memory_plan_worker.py SPEC_JSON OUT_JSON
+    torchrun --nproc-per-node N tests/parallel/memory_plan_worker.py SPEC_JSON OUT_JSON
 """
 
 import json

@@ -7,7 +7,7 @@ import torch
 
 from spin_mega.config import EvalConfig
 from spin_mega.data import render_prompt, render_response
-from spin_mega.evaluation import evaluate, extract_answer, response_logprobs
+from spin_mega.evaluation.heldout import evaluate, extract_answer, response_logprobs
 
 
 @pytest.fixture(scope="module")

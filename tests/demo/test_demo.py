@@ -28,7 +28,7 @@ def _demo(workdir, timeout):
 
 
 def _mcnemar_p(a: list[int], b: list[int]) -> float:
-    # Written out independently of spin_mega.significance: exact two-sided binomial test on discordant items.
+    # Written out independently of spin_mega.evaluation.significance: exact two-sided binomial test on discordant items.
     only_a = sum(1 for x, y in zip(a, b) if x > y)
     only_b = sum(1 for x, y in zip(a, b) if y > x)
     n = only_a + only_b

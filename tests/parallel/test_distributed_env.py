@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from spin_mega.parallel.distributed import detect_launch_env, first_slurm_host
+from spin_mega.parallel.distributed import detect_launch_env
+from spin_mega.parallel.rendezvous import first_slurm_host
 
 
 @pytest.mark.parametrize(
@@ -16,7 +17,7 @@ def test_first_slurm_host(nodelist, host):
 
 
 def test_slurm_tasks(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
@@ -25,7 +26,8 @@ def test_slurm_tasks(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
     env = detect_launch_env()
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.source) == (5, 8, 1, "gpu07", "slurm")
-    assert 20000 <= env.master_port < 40000
+    # The port launch/train.sbatch exports for this job (its first training): 15000 + (123456 % 270) * 64.
+    assert env.master_port == 19224
 
 
 def test_torchrun_wins_over_slurm(monkeypatch):

@@ -11,8 +11,8 @@ import torch
 
 from spin_mega.config import EvalConfig
 from spin_mega.errors import SpinMegaError
-from spin_mega.evaluation import evaluate
-from spin_mega.leaderboard import OPEN_LLM_LEADERBOARD_V1, parse_tasks, task_manager
+from spin_mega.evaluation.heldout import evaluate
+from spin_mega.evaluation.leaderboard import OPEN_LLM_LEADERBOARD_V1, parse_tasks, task_manager
 
 pytestmark = pytest.mark.slow  # indexing the harness's task files takes tens of seconds
 

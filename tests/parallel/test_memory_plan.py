@@ -12,13 +12,15 @@ import pytest
 import yaml
 
 from spin_mega.config import ModelConfig
-from spin_mega.models import memory_plan as mp
-from spin_mega.parallel.distributed import free_port
+from spin_mega.parallel import memory_plan as mp
+from spin_mega.parallel.rendezvous import free_port
 from tests.support import REPO, TINY_MODEL, build_tokenizer, spin_mega, write_pairs
 
 GIB = 2**30
 WORKER = Path(__file__).with_name("memory_plan_worker.py")
 ACTIVATION_SHAPE = (2, 48)  # sequences x tokens: tells per-token from per-position tensors
+# The tiny shape as a Qwen3-MoE: 4 experts of width 80 per layer, 2 routed per token.
+MOE_SHAPE = dict(num_experts=4, moe_ffn_hidden_size=80, moe_router_topk=2, moe_aux_loss_coeff=0.01)
 
 # (name, ranks, config overrides, planner request fields): DP 2 in fp32 with RMSProp (no main weights; the
 # distributed optimizer halves the square average), DP 2 in bf16 with AdamW (main weights and both moments
@@ -32,6 +34,16 @@ LAYOUTS = {
     "pp2_bf16_rmsprop_tied": (2, ["parallel.pipeline_parallel=2", "train.precision=bf16", "optim.optimizer=rmsprop",
                                   "model.tie_word_embeddings=true"],
                               dict(dtype="bf16", optimizer="rmsprop", pipeline_parallel=2, tied=True)),
+    # Qwen3: per-head query/key norms (replicated over TP, their gradients summed over it) and head_dim decoupled
+    # from the hidden size (4 x 64 on 128).
+    "qwen3_tp2_bf16_adamw": (2, ["model.architecture=qwen3", "parallel.tensor_parallel=2", "train.precision=bf16",
+                                 "optim.optimizer=adamw"],
+                             dict(dtype="bf16", optimizer="adamw", tensor_parallel=2, architecture="qwen3")),
+    # Qwen3-MoE at EP 2 over the 2 ranks: each holds 2 of the 4 experts per layer; the distributed optimizer
+    # shards the dense weights' main copies and moments over DP 2 and the experts' over expert-DP 1 (none).
+    "qwen3_moe_ep2_bf16_adamw": (2, ["model.architecture=qwen3_moe", *(f"model.{k}={v}" for k, v in MOE_SHAPE.items()),
+                                     "parallel.expert_parallel=2", "train.precision=bf16", "optim.optimizer=adamw"],
+                                 dict(dtype="bf16", optimizer="adamw", expert_parallel=2, architecture="qwen3_moe")),
 }
 
 
@@ -66,7 +78,9 @@ def measured(tmp_path_factory):
 
 def _request(fields: dict) -> mp.PlanRequest:
     fields = dict(fields)
-    model = ModelConfig(**TINY_MODEL, tie_word_embeddings=fields.pop("tied", False))
+    architecture = fields.pop("architecture", "llama")
+    model = ModelConfig(**TINY_MODEL, tie_word_embeddings=fields.pop("tied", False), architecture=architecture,
+                        **(MOE_SHAPE if architecture == "qwen3_moe" else {}))
     # The config's default, parallel.distributed_optimizer: true, shards main weights and state over DP (gloo too).
     return mp.PlanRequest(model=model, nodes=1, gpus_per_node=2, micro_batch=1, global_batch=4, seq_len=128,
                           distributed_optimizer=True, **fields)
@@ -77,7 +91,7 @@ def _request(fields: dict) -> mp.PlanRequest:
 def test_planner_matches_live_allocations(measured, name):
     fields = LAYOUTS[name][2]
     req = _request(fields)
-    layout = mp.plan_layout(req, req.tensor_parallel or 1, req.pipeline_parallel or 1)
+    layout = mp.plan_layout(req, req.tensor_parallel or 1, req.pipeline_parallel or 1, req.expert_parallel or 1)
     assert len(measured[name]) == 2
     for rank in measured[name]:
         stage = layout.stages[rank["stage"]]
@@ -91,19 +105,22 @@ def test_planner_matches_live_allocations(measured, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, tp, dtype_bytes", [("tp1_dp2_fp32_rmsprop", 1, 4), ("tp2_bf16_adamw", 2, 2)])
-def test_activation_model_matches_the_tensors_a_layer_saves(measured, name, tp, dtype_bytes):
+@pytest.mark.parametrize("name, tp, dtype_bytes, architecture", [
+    ("tp1_dp2_fp32_rmsprop", 1, 4, "llama"), ("tp2_bf16_adamw", 2, 2, "llama"), ("qwen3_tp2_bf16_adamw", 2, 2, "qwen3"),
+    ("qwen3_moe_ep2_bf16_adamw", 1, 2, "qwen3_moe"),
+])
+def test_activation_model_matches_the_tensors_a_layer_saves(measured, name, tp, dtype_bytes, architecture):
     """The activation bytes the planner assumes for one layer, against the storages the real Megatron
     layer saves for backward on CPU (SDPA attention; models/norm.py's RMSNorm, which upcasts bf16 input
     and saves fp32; at TP 2 sequence parallelism is on, the config's default, so the hidden-sized
     tensors are split over the TP ranks)."""
     batch, seq_len = ACTIVATION_SHAPE
-    model = ModelConfig(**TINY_MODEL)
+    model = ModelConfig(**TINY_MODEL, architecture=architecture, **(MOE_SHAPE if architecture == "qwen3_moe" else {}))
     planned = mp.layer_activation_bytes(model, tp, True, dtype_bytes, batch * seq_len, seq_len)
     for rank in measured[name]:
         live = rank["layer_activation_bytes"]
         # Left out by the planner: two fp32 scalars per token (the norms' rsqrt), the attention's log-sum-exp.
-        assert abs(planned - live) / live <= 0.02, (planned, live)
+        assert abs(planned - live) / live <= 0.02, (name, planned, live)
 
 
 # ------------------------------------------------------------------------------- launch/README.md's cases
@@ -245,3 +262,108 @@ def test_plan_refuses_impossible_layouts_in_one_sentence(llama70b_dir, args, mes
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------ Qwen3 presets (configs/qwen3-*.yaml)
+
+# The published config.json shapes of Qwen3-8B and Qwen3-30B-A3B.
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096,
+    "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "max_position_embeddings": 40960, "rope_theta": 1000000, "rms_norm_eps": 1e-06,
+    "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
+}
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
+    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+    "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "router_aux_loss_coef": 0.001, "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 40960,
+    "rope_theta": 1000000, "rms_norm_eps": 1e-06, "hidden_act": "silu", "tie_word_embeddings": False,
+    "attention_bias": False, "use_sliding_window": False,
+}
+
+
+def _hf_model(config: dict) -> ModelConfig:
+    from spin_mega.models.hf_config import model_config_from_hf
+
+    return model_config_from_hf(config)
+
+
+def test_qwen3_parameter_counts_are_the_model_cards():
+    assert mp.total_params(_hf_model(QWEN3_8B)) / 1e9 == pytest.approx(8.19, abs=0.005)
+    moe = _hf_model(QWEN3_30B_A3B)
+    assert mp.total_params(moe) / 1e9 == pytest.approx(30.53, abs=0.005)
+    assert mp.active_params(moe) / 1e9 == pytest.approx(3.35, abs=0.005)
+
+
+def test_expert_weights_and_their_optimizer_state_shard_over_expert_parallel_ranks():
+    """Qwen3-30B-A3B at TP 2 x PP 2 x EP 8 on 4 x 8 GPUs: each GPU holds 16 of the 128 experts of each of its 24
+    layers; the experts' main weights and RMSProp state shard over expert-DP = 32 / (8 x 2) = 2, the dense
+    weights' over DP = 32 / (2 x 2) = 8."""
+    moe = _hf_model(QWEN3_30B_A3B)
+    req = mp.PlanRequest(model=moe, nodes=4, gpus_per_node=8)
+    layout = mp.plan_layout(req, 2, 2, 8)
+    stage = layout.stages[0]
+    expert = 3 * 2048 * 768
+    assert (layout.dp, layout.expert_dp) == (8, 2)
+    assert stage.expert_params == 24 * 16 * expert
+    dense = stage.params - stage.expert_params
+    assert stage.optimizer_state == 4 * dense // 8 + 4 * stage.expert_params // 2
+    assert stage.main_params == stage.optimizer_state
+    # All-to-all: per micro-batch and layer, the 8 copies of the rank's 4096 / TP tokens, 7/8 of them to other
+    # ranks, there and back, forward and backward; 24 layers, 8 micro-batches.
+    assert layout.all_to_all_bytes == int(4 * 2 * 2048 * 8 * 2048 * 7 / 8 * 24 * 8)
+    assert mp.plan_layout(req, 2, 2, 1).all_to_all_bytes == 0
+    # The router: experts x hidden per layer, replicated over TP.
+    assert mp.layer_params(moe, 2, 8) - mp.layer_params(moe, 2, 16) == 8 * expert
+
+
+@pytest.mark.parametrize("preset, config, nodes", [
+    ("qwen3-8b-spin.yaml", QWEN3_8B, 1), ("qwen3-30b-a3b-spin.yaml", QWEN3_30B_A3B, 4),
+])
+def test_presets_hold_the_layout_the_planner_picks(preset, config, nodes):
+    from spin_mega.config import load_config
+
+    cfg = load_config(REPO / "configs" / preset)
+    model = _hf_model(config)
+    assert cfg.model.architecture == model.architecture
+    _, best = mp.plan(mp.PlanRequest(
+        model=model, nodes=nodes, gpus_per_node=8, seq_len=cfg.data.max_length, micro_batch=cfg.train.micro_batch_size,
+        global_batch=cfg.train.global_batch_size, optimizer=cfg.optim.optimizer, opponent=cfg.train.opponent,
+    ))
+    p = cfg.parallel
+    assert (best.tp, best.pp, best.ep) == (p.tensor_parallel, p.pipeline_parallel, p.expert_parallel)
+    assert not best.recompute and cfg.train.recompute == "none"
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_30b_a3b")
+    (path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    return path
+
+
+def test_plan_command_knows_experts(qwen3_moe_dir):
+    result = spin_mega("plan", "--model", str(qwen3_moe_dir), "--nodes", "1", "--gpus-per-node", "8", "--ep", "8", "--tp", "1")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "128 experts of width 768, top-8" in out and "(3.35 B active per token)" in out
+    assert "chosen: TP 1 x PP" in out and "x EP 8" in out
+    assert "--ep 8 --set start_model=" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ep", "3"], "expert parallel 3 must divide the model's 128 experts"),
+    (["--ep", "16", "--pp", "2"], "expert TP 1 x EP 16 x PP 2 does not divide the 8 GPUs"),
+])
+def test_plan_refuses_impossible_expert_layouts_in_one_sentence(qwen3_moe_dir, args, message):
+    result = spin_mega("plan", "--model", str(qwen3_moe_dir), "--gpus-per-node", "8", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_plan_refuses_expert_parallel_for_a_dense_model(llama70b_dir):
+    result = spin_mega("plan", "--model", str(llama70b_dir), "--ep", "2")
+    assert result.returncode == 2
+    assert "needs a mixture-of-experts model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
