@@ -121,8 +121,8 @@ class PackedPairSampler:
     ):
         """`equal_rows`: every data-parallel rank packs its share into as many rows as the rank that needs the
         most (a mixture-of-experts model whose expert-parallel group spans data-parallel ranks exchanges
-        tokens in every forward, so all of them run the same micro-batch count). Each rank works the others'
-        counts out from the shared sampler: no communication."""
+        tokens in every forward, so all of them must run the same micro-batch count). Each rank works the
+        others' counts out from the shared sampler: no communication."""
         self.sampler = sampler
         self.tokens = np.asarray(tokens_per_pair, dtype=np.int64)
         if len(self.tokens) != len(sampler.lengths):

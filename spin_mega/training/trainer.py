@@ -279,12 +279,12 @@ class Trainer:
             pack_tokens = resolve_pack_tokens(cfg.data.pack_tokens, cfg.train.micro_batch_size, cfg.data.max_length)
             # The interleaved schedule runs micro-batches in groups of PP: the packer makes that many rows.
             multiple = self.layout.pipeline_parallel if self.layout.interleaved else 1
-            p = cfg.parallel
-            experts_span_data_parallel = self.model_cfg.is_moe and (
-                p.expert_parallel > 1 or p.expert_tensor_parallel > p.tensor_parallel
-            )
+            # MoE over data-parallel ranks: equal row counts, which an expert-parallel group spanning them needs
+            # (tokens are exchanged in every forward); at any EP, so that the rows, and with them the balancing
+            # loss's per-micro-batch token statistics, do not depend on the expert-parallel layout.
             self.packer = PackedPairSampler(
-                self.sampler, pair_tokens(self.dataset), pack_tokens, multiple, equal_rows=experts_span_data_parallel
+                self.sampler, pair_tokens(self.dataset), pack_tokens, multiple,
+                equal_rows=self.model_cfg.is_moe and self.dp_size > 1,
             )
             _log(f"packing: each step's pairs in rows of at most {pack_tokens} tokens (data.pack_tokens)")
         _log(self.layout.describe(self.num_microbatches))

@@ -105,6 +105,29 @@ def test_packed_sampler_trains_the_padded_sampler_pairs_once_each(dp_size, multi
     assert resumed.microbatches_for_step(steps + 1) == ranks[-1][1].microbatches_for_step(steps + 1)
 
 
+def test_equal_rows_give_every_rank_the_row_count_of_the_rank_that_needs_most():
+    """MoE over data-parallel ranks: every rank packs its own pairs (the same ones as without the option) into
+    as many rows as the fullest rank needs; without it, the counts differ at some step of this data."""
+    n, global_batch, dp_size = 100, 16, 4
+    tokens = ultrachat_like_pair_tokens(n, seed=2)
+
+    def packed(rank, equal_rows):
+        base = PairBatchSampler(tokens // 2, micro_batch_size=2, global_batch_size=global_batch, dp_rank=rank, dp_size=dp_size, seed=5)
+        return PackedPairSampler(base, tokens, pack_tokens=2048, equal_rows=equal_rows)
+
+    unequal_steps = 0
+    for step in range(6):
+        free = [packed(rank, False).microbatches_for_step(step) for rank in range(dp_size)]
+        equal = [packed(rank, True).microbatches_for_step(step) for rank in range(dp_size)]
+        counts = {len(rows) for rows in free}
+        unequal_steps += len(counts) > 1
+        assert {len(rows) for rows in equal} == {max(counts)}
+        for rows_free, rows_equal in zip(free, equal):
+            assert sorted(i for r in rows_equal for i in r) == sorted(i for r in rows_free for i in r)
+            assert all(tokens[r].sum() <= 2048 for r in rows_equal)
+    assert unequal_steps > 0
+
+
 def test_packing_pads_under_five_percent_on_ultrachat_like_data():
     """Rows padded only to a multiple of TP = 2: the padding fraction of a whole epoch stays far below 5%."""
     tokens = ultrachat_like_pair_tokens(256, seed=3)
@@ -161,6 +184,35 @@ def test_pad_packed_extends_the_padding_tail():
     assert longer["input_ids"][0].tolist() == [5, 6, 7, 5, 6, 8, 9] + [PAD] * 5
     assert longer["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4]
     assert (longer["labels"][0, 7:] == -100).all() and torch.equal(longer["logp_slots"], batch["logp_slots"])
+
+
+def test_the_routers_padding_mask_of_a_packed_row_is_its_tail():
+    """The MoE routers leave padding out of the balancing loss's statistics (models/moe.py): in a packed row
+    that is the tail after the last sequence, and nothing between sequences (whose last tokens predict
+    nothing), however far the all-gather dispatcher lengthens the row."""
+    from unittest.mock import create_autospec
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+
+    from spin_mega.models.moe import routing_padding_mask
+
+    chunk = create_autospec(GPTModel, instance=True)
+    chunk.config = TransformerConfig(
+        num_layers=1, hidden_size=8, num_attention_heads=1, num_moe_experts=2, moe_router_topk=2,
+        moe_ffn_hidden_size=8,
+    )
+    chunk.pre_process = True
+    examples = [
+        {"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9]},
+        {"prompt_ids": [3], "chosen_ids": [4, 4, 4], "rejected_ids": [2]},
+    ]
+    batch = collate_packed(examples, PAD, pad_to_multiple_of=4)
+    for row in (batch, pad_packed(batch, 20, PAD)):
+        real = row["cu_seqlens"][4]
+        mask = routing_padding_mask(chunk, row["labels"])
+        assert mask.shape == row["input_ids"].shape
+        assert mask[0].tolist() == [False] * real + [True] * (row["input_ids"].shape[1] - real)
 
 
 @pytest.mark.parametrize(
