@@ -73,6 +73,9 @@ class Measurement:
     fwd_ms: float | None = None
     bwd_ms: float | None = None
     fwd_bwd_ms: float | None = None
+    # The first call of each timed function, apart from the warm-up and the median: torch.compile's and
+    # Triton's cold compiles land here, so a slow compile shows as such and never as a slow kernel.
+    first_call_ms: dict[str, float] = field(default_factory=dict)
     fwd_gbps: float | None = None
     bwd_gbps: float | None = None
     fwd_bwd_gbps: float | None = None
@@ -101,9 +104,13 @@ class Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def median_ms(self, run: Callable[[object], None], setup: Callable[[], object] = lambda: None) -> float:
+    def median_ms(
+        self, run: Callable[[object], None], setup: Callable[[], object] = lambda: None, first_call: dict | None = None, label: str = ""
+    ) -> float:
+        """Median of `repeats` timed runs after `warmup` untimed ones; the very first run's time goes to
+        first_call[label] (it pays any compile)."""
         samples = []
-        for i in range(self.warmup + self.repeats):
+        for i in range(1 + self.warmup + self.repeats):
             state = setup()
             self._sync()
             if self.device.type == "cuda":
@@ -117,7 +124,9 @@ class Clock:
                 t0 = time.perf_counter()
                 run(state)
                 elapsed = (time.perf_counter() - t0) * 1e3
-            if i >= self.warmup:
+            if i == 0 and first_call is not None:
+                first_call[label] = round(elapsed, 3)
+            if i > self.warmup:
                 samples.append(elapsed)
             del state
         return statistics.median(samples)
@@ -176,7 +185,8 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def bench_logprobs(
-    clock: Clock, device: torch.device, n: int, v: int, impls: dict[str, Callable], peak_bw: float | None
+    clock: Clock, device: torch.device, n: int, v: int, impls: dict[str, Callable], peak_bw: float | None,
+    record: Callable[[Measurement], None] = lambda m: None,
 ) -> list[Measurement]:
     gen = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(n, v, device=device, dtype=torch.bfloat16, generator=gen)
@@ -207,9 +217,9 @@ def bench_logprobs(
             def fwd_bwd(x: torch.Tensor) -> None:
                 fn(x, labels).backward(grad_out)
 
-            m.fwd_ms = clock.median_ms(fwd, fresh_leaf)
-            m.bwd_ms = clock.median_ms(bwd, fresh_graph)
-            m.fwd_bwd_ms = clock.median_ms(fwd_bwd, fresh_leaf)
+            m.fwd_ms = clock.median_ms(fwd, fresh_leaf, m.first_call_ms, "fwd")
+            m.bwd_ms = clock.median_ms(bwd, fresh_graph, m.first_call_ms, "bwd")
+            m.fwd_bwd_ms = clock.median_ms(fwd_bwd, fresh_leaf, m.first_call_ms, "fwd_bwd")
             m.peak_extra_bytes_fwd = clock.peak_extra_bytes(fwd, fresh_leaf)
             m.peak_extra_bytes_fwd_bwd = clock.peak_extra_bytes(fwd_bwd, fresh_leaf)
             with torch.no_grad():
@@ -231,12 +241,14 @@ def bench_logprobs(
         if name == "liger_ce":
             m.notes.append("Liger writes its gradient into the logits during forward (grad-in-forward, 4NV floor)")
         results.append(m)
+        record(m)
         print(_summary(m), flush=True)
     return results
 
 
 def bench_fused_linear(
-    clock: Clock, device: torch.device, n: int, v: int, h: int, impls: dict[str, Callable]
+    clock: Clock, device: torch.device, n: int, v: int, h: int, impls: dict[str, Callable],
+    record: Callable[[Measurement], None] = lambda m: None,
 ) -> list[Measurement]:
     gen = torch.Generator(device=device).manual_seed(1)
     hidden = torch.randn(n, h, device=device, dtype=torch.bfloat16, generator=gen)
@@ -257,8 +269,8 @@ def bench_fused_linear(
             def fwd_bwd(leaves: tuple[torch.Tensor, torch.Tensor]) -> None:
                 fn(*leaves, labels).backward(grad_out)
 
-            m.fwd_ms = clock.median_ms(fwd, fresh_leaves)
-            m.fwd_bwd_ms = clock.median_ms(fwd_bwd, fresh_leaves)
+            m.fwd_ms = clock.median_ms(fwd, fresh_leaves, m.first_call_ms, "fwd")
+            m.fwd_bwd_ms = clock.median_ms(fwd_bwd, fresh_leaves, m.first_call_ms, "fwd_bwd")
             m.peak_extra_bytes_fwd = clock.peak_extra_bytes(fwd, fresh_leaves)
             m.peak_extra_bytes_fwd_bwd = clock.peak_extra_bytes(fwd_bwd, fresh_leaves)
             # Useful work of one forward+backward: 3 lm-head-sized matmuls (logits, d hidden, d weight).
@@ -271,6 +283,7 @@ def bench_fused_linear(
         if name == "fused_spin_mega":
             m.notes.append("4 matmuls: the backward recomputes each vocabulary chunk's logits")
         results.append(m)
+        record(m)
         print(_summary(m), flush=True)
     return results
 
@@ -278,7 +291,8 @@ def bench_fused_linear(
 def _summary(m: Measurement) -> str:
     if m.error:
         return f"  {m.section:12s} {m.impl:24s} N={m.n_tokens:6d} V={m.vocab:6d}  ERROR {m.error}"
-    parts = [f"fwd {m.fwd_ms:9.3f} ms", f"fwd+bwd {m.fwd_bwd_ms:9.3f} ms"]
+    parts = [f"fwd {m.fwd_ms:9.3f} ms", f"fwd+bwd {m.fwd_bwd_ms:9.3f} ms",
+             f"first call {max(m.first_call_ms.values(), default=0.0):9.1f} ms"]
     if m.bwd_ms is not None:
         parts.insert(1, f"bwd {m.bwd_ms:9.3f} ms")
     if m.fwd_bwd_roofline_pct is not None:
@@ -472,11 +486,24 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     results: list[Measurement] = []
+    if args.interpret:
+        slug += "-triton-interpreter"
+    json_path = args.json or args.out / f"logprob_kernels_{slug}.json"
+    png_path = json_path.with_suffix(".png")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(m: Measurement) -> None:
+        """Rewrites the results file after every measurement, so a time limit keeps each one already taken."""
+        results.append(m)
+        tmp = json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report(), indent=2) + "\n")
+        tmp.replace(json_path)
+
     work = []
     if "logprobs" in args.sections:
-        work += [lambda n=n, v=v: bench_logprobs(clock, device, n, v, impls, peak_bw) for v in vocabs for n in tokens]
+        work += [lambda n=n, v=v: bench_logprobs(clock, device, n, v, impls, peak_bw, record) for v in vocabs for n in tokens]
     if "fused_linear" in args.sections:
-        work += [lambda n=n, v=v: bench_fused_linear(clock, device, n, v, hidden, fused_impls) for n, v in fused_shapes]
+        work += [lambda n=n, v=v: bench_fused_linear(clock, device, n, v, hidden, fused_impls, record) for n, v in fused_shapes]
 
     notes = [
         "bytes model: forward 2NV, backward 4NV, forward+backward 6NV bytes of bf16 logits (spin_mega computes "
@@ -504,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             "versions": _versions(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "spin_mega_path": ours,
-            "timing": f"{'CUDA events' if want_cuda else 'time.perf_counter'}, median of {repeats} after {warmup} warm-up",
+            "timing": f"{'CUDA events' if want_cuda else 'time.perf_counter'}, median of {repeats} after the first call "
+                      f"(first_call_ms: cold compiles) and {warmup} more warm-up",
             "dtype": "bfloat16",
             "wall_seconds": round(time.perf_counter() - started, 1),
             # Other jobs share the CPU box; a load above its core count makes CPU timings noisy.
@@ -513,17 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             "results": [asdict(m) for m in results],
         }
 
-    if args.interpret:
-        slug += "-triton-interpreter"
-    json_path = args.json or args.out / f"logprob_kernels_{slug}.json"
-    png_path = json_path.with_suffix(".png")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    # Rewritten after every shape, so a run stopped by a timeout keeps the shapes it finished.
     for shape in work:
-        results += shape()
-        tmp = json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report(), indent=2) + "\n")
-        tmp.replace(json_path)
+        shape()
     if not args.no_plot:
         _plot(results, f"spin_mega log-prob kernels on {device_info['name']} (spin_mega path: {ours})", png_path, gpu=want_cuda)
     print(f"wrote {json_path} in {time.perf_counter() - started:.1f} s", flush=True)

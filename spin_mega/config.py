@@ -103,6 +103,8 @@ class DataConfig:
     # .json or .parquet file, a directory written by `datasets.Dataset.save_to_disk`, a folder of parquet
     # shards or a dataset name in the datasets cache, either of the last two as SOURCE:SPLIT.
     train_path: Optional[str] = None
+    # The held-out rows `spin-mega run` evaluates every model on (prompt and response, optionally answer),
+    # in any of train_path's forms; null: no held-out evaluation.
     eval_path: Optional[str] = None
     schema: Literal["auto", "ultrachat", "prompt_response", "pairs", "spin"] = "auto"
     tokenizer: Optional[str] = None  # defaults to the start model's directory
@@ -196,6 +198,14 @@ class GenerationConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    # vLLM's KV cache per engine in GiB, in place of the gpu_memory_utilization share. On CPU that share is
+    # of host memory (0.3 takes 7 GB of a 23 GB machine, sized by a warm-up pass), far more than a small
+    # model's few thousand sequences need; an explicit size also lets vLLM skip that warm-up. null: the share.
+    kv_cache_gb: Optional[float] = None
+    # true: vLLM's engine core runs inside the generating process instead of a process of its own (and, on
+    # CPU, a third one for its worker). Same samples; on CPU it saves starting Python, torch and vLLM twice
+    # per generation stage. On GPUs leave it false: the separate engine overlaps scheduling with the model.
+    engine_in_process: bool = False
     enforce_eager: bool = False
     batch_size: int = 64  # prompts per hf-backend batch and per flush of results to disk
     dtype: str = "auto"
@@ -206,12 +216,14 @@ class GenerationConfig:
 
 @dataclass
 class IterationConfig:
-    """Per-iteration schedule of the SPIN loop. `lr` and `beta` are lists indexed by iteration (the last
-    entry repeats): the authors' recipe changes both between iterations."""
+    """The SPIN loop's iterations. `lr` and `beta`, when set, are per-iteration schedules (lists indexed by
+    iteration, the last entry repeating: the authors' recipe changes both between iterations) that take the
+    place of optim.lr and loss.beta; null, every iteration trains at optim.lr and loss.beta. A schedule and
+    its single value set together are refused (validate_run): one key per value."""
 
     num_iterations: int = 3
-    lr: list[float] = field(default_factory=lambda: [5e-7, 5e-7, 1e-7, 1e-7])
-    beta: list[float] = field(default_factory=lambda: [0.1])
+    lr: Optional[list[float]] = None
+    beta: Optional[list[float]] = None
     # Iteration t trains on its own pairs plus this many earlier iterations' pairs (the paper's
     # recipe trained iteration t on the pairs of t-1 and t).
     mix_previous_iterations: int = 1
@@ -223,7 +235,8 @@ class IterationConfig:
 
 @dataclass
 class EvalConfig:
-    eval_path: Optional[str] = None
+    """How the loop evaluates (the held-out rows themselves are data.eval_path)."""
+
     max_samples: int = 64
     max_new_tokens: int = 32
     lm_eval_tasks: list[str] = field(default_factory=list)
@@ -330,7 +343,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 # Keys that were renamed: naming the new key beats a list of every known one.
-RENAMED_KEYS = {"train.recompute_activations": "train.recompute (none, selective or full)"}
+RENAMED_KEYS = {
+    "train.recompute_activations": "train.recompute (none, selective or full)",
+    "eval.eval_path": "data.eval_path (the held-out data, beside data.train_path)",
+}
 
 
 def _build(cls: type, raw: dict, prefix: str = "") -> Any:
@@ -417,12 +433,6 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def dump_config(cfg: SpinConfig, path: str | Path) -> None:
-    from spin_mega.io import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 @dataclass(frozen=True)
@@ -516,6 +526,7 @@ NUMERIC_RANGES: dict[str, Range] = {
     "generation.seed": NON_NEGATIVE,
     "generation.tensor_parallel_size": AT_LEAST_1,
     "generation.gpu_memory_utilization": SHARE,
+    "generation.kv_cache_gb": POSITIVE,  # GiB; null: the gpu_memory_utilization share
     "generation.batch_size": AT_LEAST_1,
     "generation.engines": NON_NEGATIVE,  # 0: one per tensor_parallel_size GPUs
     "iterations.num_iterations": AT_LEAST_1,
@@ -572,15 +583,45 @@ def validate(cfg: SpinConfig) -> None:
             raise ConfigError("model.num_attention_heads must be a multiple of model.num_query_groups")
 
 
+# The per-iteration schedules and the single values they take the place of.
+SCHEDULED = {"iterations.lr": "optim.lr", "iterations.beta": "loss.beta"}
+
+
+def _key(cfg: Any, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def validate_run(cfg: SpinConfig) -> None:
-    """What `spin-mega run` adds: each iteration trains at optim.lr = iterations.lr[t], which must stay at
-    or above optim.min_lr (checked here, under the key the user sets, not later as optim.lr)."""
-    for i, lr in enumerate(cfg.iterations.lr):
+    """What `spin-mega run` adds. The precedence of a schedule over its single value: a schedule
+    (iterations.lr, iterations.beta) replaces optim.lr / loss.beta in every iteration, so setting both is
+    refused; a single value at its default counts as not set (a saved config holds every key). Each
+    iteration's learning rate must stay at or above optim.min_lr (checked under the key the user sets)."""
+    defaults = SpinConfig()
+    for schedule, single in SCHEDULED.items():
+        if _key(cfg, schedule) is not None and _key(cfg, single) != _key(defaults, single):
+            raise ConfigError(
+                f"{single} ({_key(cfg, single):g}) and {schedule} ({_key(cfg, schedule)}) are both set, and the "
+                f"schedule would replace {single} in every iteration: set only one, {single} for every iteration "
+                f"or {schedule} per iteration"
+            )
+    for i, lr in enumerate(cfg.iterations.lr or []):
         if cfg.optim.min_lr > lr:
             raise ConfigError(
                 f"iterations.lr[{i}] ({lr:g}) is below optim.min_lr ({cfg.optim.min_lr:g}), so that iteration's "
                 "schedule would decay upwards; lower optim.min_lr or raise iterations.lr"
             )
+
+
+def iteration_lr(cfg: SpinConfig, t: int) -> float:
+    """The learning rate iteration t trains at: iterations.lr[t] (the last entry repeating) when the
+    schedule is set, else optim.lr."""
+    return per_iteration(cfg.iterations.lr, t) if cfg.iterations.lr is not None else cfg.optim.lr
+
+
+def iteration_beta(cfg: SpinConfig, t: int) -> float:
+    """Iteration t's beta: iterations.beta[t] (the last entry repeating) when set, else loss.beta."""
+    return per_iteration(cfg.iterations.beta, t) if cfg.iterations.beta is not None else cfg.loss.beta
 
 
 def _validate_loss(loss: LossConfig) -> None:

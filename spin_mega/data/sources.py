@@ -88,6 +88,11 @@ def detect_schema(columns: list[str], source: str = "the data") -> str:
     for schema in ("pairs", "spin", "ultrachat", "prompt_response"):
         if set(_REQUIRED[schema]) <= present:
             return schema
+    if "prompt" in present:
+        raise DataError(
+            f"{source} has a prompt column but no response to go with it (its columns: {', '.join(sorted(present))}); "
+            "add the human responses as a response column (or chosen and rejected, for SPIN pairs)"
+        )
     raise DataError(
         f"{source}: cannot tell its schema from its columns ({', '.join(sorted(present)) or 'none'}); expected "
         "prompt+chosen+rejected (pairs), real+generated (spin), messages (ultrachat) or prompt+response (prompt_response)"
@@ -271,7 +276,7 @@ def _split_conversation(messages: Any, prompt_column: Any, where: Callable[[], s
     return [{"role": m["role"], "content": m.get("content")} for m in messages[: u + 1]], reply
 
 
-def _normaliser(schema: str, columns: set[str], source: str) -> Callable[[dict, list[int]], dict]:
+def _normaliser(schema: str, columns: set[str], source: str, keep: tuple[str, ...] = ()) -> Callable[[dict, list[int]], dict]:
     has_id = "prompt_id" in columns
     has_logps = all(c in columns for c in OPPONENT_COLUMNS)
 
@@ -302,7 +307,8 @@ def _normaliser(schema: str, columns: set[str], source: str) -> Callable[[dict, 
                 if has_logps:
                     for c in OPPONENT_COLUMNS:
                         out[c] = [_logp(v) for v in batch[c]]
-        return {"prompt_id": [prompt_id_for(i, p) for i, p in zip(ids, prompts)], "prompt": prompts, **out}
+        kept = {c: batch[c] for c in keep if c in columns}
+        return {"prompt_id": [prompt_id_for(i, p) for i, p in zip(ids, prompts)], "prompt": prompts, **out, **kept}
 
     return normalise
 
@@ -317,7 +323,8 @@ def count_multi_turn(ds: datasets.Dataset, column: str) -> int:
     return total
 
 
-def load_rows(path: str | os.PathLike, schema: str = "auto", counts: Optional[dict] = None) -> datasets.Dataset:
+def load_rows(path: str | os.PathLike, schema: str = "auto", counts: Optional[dict] = None,
+              keep: tuple[str, ...] = ()) -> datasets.Dataset:
     """Reads a data source (see the module docstring: a file, a `save_to_disk` directory, a folder of
     parquet shards or a cached dataset name, each optionally `:SPLIT`) and returns its rows with the
     normalised columns of `schema`, in file order.
@@ -326,7 +333,8 @@ def load_rows(path: str | os.PathLike, schema: str = "auto", counts: Optional[di
     messages, `prompt_response` for prompt+response. A missing source, an unreadable one, an empty one,
     an unknown schema, missing columns or a conversation with no user turn raise a `DataError` naming
     the source. `counts`, when given, receives `rows` and `multi_turn_first_turn_only` (conversations
-    with more than one user turn, of which only the first is used).
+    with more than one user turn, of which only the first is used). `keep`: source columns carried along
+    unchanged where the source has them (the held-out `answer`).
     """
     spec, split = split_source(path)
     path = Path(spec)
@@ -351,7 +359,7 @@ def load_rows(path: str | os.PathLike, schema: str = "auto", counts: Optional[di
             other = next(c for c in OPPONENT_COLUMNS if c not in present)
             raise DataError(f"{source} has the column {present[0]} but not {other}; opponent log-probs come in pairs")
     rows = ds.map(
-        _normaliser(schema, set(columns), source),
+        _normaliser(schema, set(columns), source, tuple(keep)),
         batched=True,
         with_indices=True,
         remove_columns=columns,
@@ -368,7 +376,20 @@ def load_rows(path: str | os.PathLike, schema: str = "auto", counts: Optional[di
         order = list(SFT_COLUMNS)
     else:
         order = list(PAIR_COLUMNS) + [c for c in OPPONENT_COLUMNS if c in rows.column_names]
-    return rows.select_columns(order)
+    return rows.select_columns(order + [c for c in keep if c in columns and c not in order])
+
+
+def check_source(spec: str | os.PathLike, key: str) -> None:
+    """Refuses a data source named by config key `key` that does not exist, before anything reads it: a
+    file or directory (optionally FOLDER:SPLIT) must be there; a dataset name is looked up in the datasets
+    cache only when it is read."""
+    base, _ = split_source(spec)
+    path = Path(base)
+    if path.exists():
+        return
+    if _DATASET_NAME.match(base) and path.suffix.lower() not in _SUFFIXES:
+        return
+    raise DataError(f"{key} {os.fspath(spec)} does not exist; point {key} at the data file, directory or cached dataset")
 
 
 def is_pair_dataset(ds: datasets.Dataset) -> bool:

@@ -33,7 +33,7 @@ from spin_mega.errors import SpinMegaError
 from spin_mega.io import atomic_write_json, read_jsonl
 from spin_mega.loop.driver import SpinLoop
 from spin_mega.loop.stages import log
-from spin_mega.rundir import HELDOUT_GENERATIONS, HF_DIR, is_done, iteration_dir, stage_files
+from spin_mega.rundir import HELDOUT_GENERATIONS, HF_DIR, OPPONENT_LOGPS, TRAIN_DIR, is_done, iteration_dir, stage_files
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,12 @@ ARM_OPTIM = {"optimizer": "adamw", "adam_beta1": 0.9, "adam_beta2": 0.999, "weig
 OPTIM_NOTE = "AdamW (β 0.9/0.999, no weight decay), 10% linear warm-up then linear decay to 0, gradient clipping 1.0"
 
 # Stage outputs of a SPIN run that do not depend on its learning rate: shared by every grid candidate.
-SHARED_STAGES = stage_files("import_start") + stage_files("baseline_eval")
+# (Candidates run without evaluation, so theta_0's baseline evaluation is not among them: the demo's own run
+# below does it once.)
+SHARED_STAGES = stage_files("import_start")
 SHARED_ITER0 = stage_files("prompts") + stage_files("generate") + stage_files("pairs")
+# theta_0's log-probs of the shared pairs, which the trainer precomputes into its work directory and reuses.
+SHARED_TRAIN = (OPPONENT_LOGPS,)
 
 
 def demo_config(start_model: Path, iterations: int, backend: Optional[str], lr: float, size: DemoSize, seed: int) -> dict:
@@ -73,9 +77,10 @@ def demo_config(start_model: Path, iterations: int, backend: Optional[str], lr: 
 
     raw = yaml.safe_load(importlib.resources.files("spin_mega.configs").joinpath("tiny-cpu.yaml").read_text())
     raw["start_model"] = str(start_model)
-    raw["data"].update(train_path=str(asset_path("train")), schema="prompt_response", shuffle_seed=seed)
-    raw["eval"].update(eval_path=str(asset_path("heldout")), max_samples=size.test_samples)
-    raw["iterations"].update(num_iterations=iterations, lr=[lr], num_prompts=size.num_prompts)
+    raw["data"].update(train_path=str(asset_path("train")), eval_path=str(asset_path("heldout")), schema="prompt_response",
+                       shuffle_seed=seed)
+    raw["eval"].update(max_samples=size.test_samples)
+    raw["iterations"].update(num_iterations=iterations, num_prompts=size.num_prompts)
     raw["optim"].update(ARM_OPTIM, lr=lr)
     raw["train"]["seed"] = seed
     raw["generation"]["seed"] = seed
@@ -93,8 +98,8 @@ def validation_exact_match(model_dir: Path, rows: list[dict], max_new_tokens: in
 
 
 def _best(candidates: list[dict]) -> dict:
-    # Ties go to the smaller learning rate (the grid is ascending, and max keeps the first of equals).
-    return max(candidates, key=lambda c: c["validation_exact_match"])
+    """The candidate with the best validation exact match; a tie goes to the smaller learning rate."""
+    return max(candidates, key=lambda c: (c["validation_exact_match"], -c["lr"]))
 
 
 def _copy_into(src: Path, dest: Path, names: tuple[str, ...]) -> None:
@@ -119,9 +124,12 @@ def _spin_grid(workdir: Path, start: Path, backend, overrides, size: DemoSize, s
             if first is not None:
                 _copy_into(first, cand_dir, SHARED_STAGES)
                 _copy_into(iteration_dir(first, 0), iteration_dir(cand_dir, 0), SHARED_ITER0)
+                _copy_into(iteration_dir(first, 0) / TRAIN_DIR, iteration_dir(cand_dir, 0) / TRAIN_DIR, SHARED_TRAIN)
             log(f"SPIN learning-rate grid: one iteration at lr {lr:g}")
             cfg = config_from_dict(demo_config(start, 1, backend, lr, size, seed), overrides)
-            code = SpinLoop(cfg, cand_dir).run()
+            # Candidates are compared on validation only: their test-split evaluation and report would be
+            # read by nobody (the chosen one is evaluated by the demo's own run below).
+            code = SpinLoop(cfg, cand_dir).run(evaluate=False)
             if code != 0:
                 raise SpinMegaError(f"the SPIN grid run at lr {lr:g} stopped with exit status {code}; re-run to resume")
             em = validation_exact_match(iteration_dir(cand_dir, 0) / HF_DIR, validation, cfg.eval.max_new_tokens)

@@ -24,6 +24,38 @@ from spin_mega.data.chat import encode_prompt, render_response
 from spin_mega.errors import SpinMegaError
 
 
+HELDOUT_KEY = "data.eval_path"
+
+
+def load_heldout(path: str | Path, max_samples: int) -> list[dict]:
+    """The held-out rows of data.eval_path, read and checked as a whole before any stage runs: prompt_id,
+    prompt, response (a pairs file's chosen), and answer where the data has one; the first `max_samples`
+    usable rows. A missing, non-UTF-8 or empty source, one without a response column, or one without a
+    single usable row is refused with one sentence naming data.eval_path."""
+    from spin_mega.data.sources import is_nonblank_text, is_valid_prompt, load_rows
+    from spin_mega.errors import DataError
+
+    where = f"the held-out data ({HELDOUT_KEY})"
+    try:
+        ds = load_rows(path, "auto", keep=("answer",))
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    response = "response" if "response" in ds.column_names else "chosen"
+    rows = []
+    for row in ds:
+        if is_valid_prompt(row["prompt"]) and is_nonblank_text(row[response]):
+            rows.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"], "response": row[response],
+                         **({"answer": row["answer"]} if "answer" in row else {})})
+    if not rows:
+        raise DataError(f"{where}: {path} has no row with a usable prompt and response, so there is nothing to "
+                        "evaluate on; fix the file, or leave data.eval_path unset to run without held-out evaluation")
+    rows = rows[:max_samples]
+    if len({r["prompt_id"] for r in rows}) < len(rows):
+        # Generation keys its rows by prompt id: repeated prompts get positional ids instead.
+        rows = [dict(r, prompt_id=f"heldout-{i}") for i, r in enumerate(rows)]
+    return rows
+
+
 def extract_answer(response: str) -> str:
     """The answer in a response written in the demo's style: the text after the last " is " or ": ",
     without the closing full stop. Applied the same way to human and generated responses."""
@@ -173,8 +205,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stage), so that the model's memory, on a GPU the CUDA context and cached blocks, goes when it exits."""
     import argparse
 
-    from spin_mega.config import load_config
+    from spin_mega.config import config_to_dict, load_config
     from spin_mega.io import atomic_write_json, read_jsonl
+    from spin_mega.rundir import EXIT_BAD_INPUT, config_beside, write_resolved_config
 
     parser = argparse.ArgumentParser(prog="python -m spin_mega.evaluation")
     parser.add_argument("--config", required=True, help="the run's config (its eval section is used)")
@@ -192,7 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     except SpinMegaError as exc:
         print(f"spin-mega evaluate: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    write_resolved_config(config_beside(Path(args.out)), config_to_dict(cfg))
     atomic_write_json(args.out, result)
     return 0
 

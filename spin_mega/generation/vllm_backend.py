@@ -10,6 +10,8 @@ import-safe (its work under `if __name__ == "__main__":`).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -43,12 +45,42 @@ def context_length(model_dir: Path, max_prompt_tokens: Optional[int], max_new_to
     return min(needed, window) if isinstance(window, int) and window > 0 else needed
 
 
+@contextlib.contextmanager
+def _engine_placement(in_process: bool) -> Iterator[None]:
+    """vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING (its only switch for this) when an engine starts: set for
+    this start only. An in-process engine also freezes vLLM's view of the environment for the whole process
+    (vllm.envs.enable_envs_cache); that is undone, so that a later engine of the same process starts as its
+    own config says."""
+    if not in_process:
+        yield
+        return
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    previous = os.environ.get(key)
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+        with contextlib.suppress(ImportError):  # vLLM absent: _start has said so
+            import vllm.envs
+
+            vllm.envs.disable_envs_cache()
+
+
 class VLLMBackend(GenerationBackend):
     name = "vllm"
 
     def __init__(self, model_dir: str | Path, config: GenerationConfig, tokenizer_dir: Optional[str | Path] = None,
                  max_prompt_tokens: Optional[int] = None):
         super().__init__(model_dir, config, tokenizer_dir)
+        with _engine_placement(config.engine_in_process):
+            self._start(config, max_prompt_tokens)
+        self._next_id = 0
+
+    def _start(self, config: GenerationConfig, max_prompt_tokens: Optional[int]) -> None:
         try:
             import vllm
         except ImportError as exc:
@@ -63,6 +95,7 @@ class VLLMBackend(GenerationBackend):
                 tokenizer=str(self.tokenizer_dir),
                 tensor_parallel_size=config.tensor_parallel_size,
                 gpu_memory_utilization=config.gpu_memory_utilization,
+                kv_cache_memory_bytes=None if config.kv_cache_gb is None else int(config.kv_cache_gb * 2**30),
                 enforce_eager=config.enforce_eager,
                 dtype=config.dtype,
                 seed=config.seed,
@@ -74,9 +107,8 @@ class VLLMBackend(GenerationBackend):
                 # On CPU this fraction is of host memory, reserved for the KV cache (DESIGN.md): the GPU
                 # default is refused at start-up.
                 hint = (" On CPU, vLLM reserves generation.gpu_memory_utilization of the host memory for its"
-                        " KV cache: try --set generation.gpu_memory_utilization=0.3.")
+                        " KV cache unless generation.kv_cache_gb sizes it: try --set generation.kv_cache_gb=1.")
             raise SpinMegaError(f"vLLM could not start on {self.model_dir}: {type(exc).__name__}: {exc}.{hint}") from exc
-        self._next_id = 0
 
     def _params(self, request: GenerationRequest):
         from vllm import SamplingParams

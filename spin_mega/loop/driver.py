@@ -4,8 +4,12 @@ Every stage runs in processes of its own (vLLM engines, the training ranks, the 
 on this node or as srun steps across a Slurm allocation (spin_mega/loop/local.py, spin_mega/loop/slurm.py):
 memory is returned between stages and a crash in one stage leaves the others' outputs intact. Each stage
 writes its outputs under a temporary name, renames them into place and then marks itself done, so
-re-running the same command resumes at the first unfinished stage. The run directory's layout is
-spin_mega/rundir.py's.
+re-running the same command resumes at the first unfinished stage. The run directory's layout and its
+protocol (what "done" means, the lock, the config record that binds a resume) are spin_mega/rundir.py's.
+
+Start-up checks everything a run reads before anything is written: the config's cross-key rules, every input
+path, the held-out rows and (when a prompts stage is still to run) the SFT data. Only then is the work
+directory locked and the config recorded.
 """
 
 from __future__ import annotations
@@ -17,9 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
-
-from spin_mega.config import SpinConfig, config_from_dict, config_to_dict, dump_config, per_iteration
+from spin_mega.config import SpinConfig, config_from_dict, config_to_dict, iteration_lr, per_iteration, validate_run
 from spin_mega.errors import SpinMegaError, TrainingUnhealthy
 from spin_mega.io import atomic_write_json, atomic_write_text, read_jsonl
 from spin_mega.loop.local import LocalStages
@@ -29,7 +31,8 @@ from spin_mega.models import checkpoint as model_ckpt
 from spin_mega.rundir import (
     ALL_GENERATIONS, BASELINE_EVAL, CONFIG, EVAL, EXIT_PREEMPTED, GENERATIONS, HELDOUT, HELDOUT_GENERATIONS, HF_DIR,
     LOGS_DIR, METRICS, PAIRS, PREEMPTED_MARKER, PROMPT_COUNTS, PROMPTS, START_HF, START_MCORE, SUMMARY, TRAIN_DIR,
-    TRAIN_SUMMARY, is_done, iteration_dir, mark_done, read_stop,
+    TRAIN_SUMMARY, check_resume, hold_lock, is_done, iteration_dir, mark_done, read_resolved_config, read_stop,
+    write_resolved_config,
 )
 
 HELDOUT_PREFIX = "heldout/"
@@ -44,12 +47,10 @@ def make_launcher(kind: str, cfg: SpinConfig, workdir: Path, ranks_per_node: int
 
 
 class SpinLoop:
-    def __init__(self, cfg: SpinConfig, workdir: Path, nproc: int = 1, sft_data: Optional[str] = None,
-                 launcher: str = "local"):
+    def __init__(self, cfg: SpinConfig, workdir: Path, nproc: int = 1, launcher: str = "local"):
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.nproc = nproc
-        self.sft_data = sft_data or cfg.data.train_path
         self.config_path = self.workdir / CONFIG
         # Starts every stage in processes of its own: on this node, or as srun steps across an allocation.
         self.stages = make_launcher(launcher, cfg, self.workdir, nproc)
@@ -66,19 +67,22 @@ class SpinLoop:
         mark_done(stage_dir, stage, seconds)
         log(f"{label}: finished in {seconds:.1f} s")
 
-    def _write_config(self) -> None:
+    def check_start(self) -> None:
+        """Everything the run reads, checked before anything is written (refusals name the key or file)."""
+        from spin_mega.training.inputs import check_inputs
+
+        validate_run(self.cfg)
+        check_inputs(self.cfg, loop=True)
+        _ = self.heldout_rows  # read and checked now, not at the first evaluation
+        if any(not is_done(iteration_dir(self.workdir, t), "prompts") for t in range(self.cfg.iterations.num_iterations)):
+            _ = self.sft_rows
+
+    def _record_config(self) -> None:
+        """Compares the config with the one this work directory's results came from (rundir.check_resume),
+        then records it: under the lock, after the start-up checks."""
         resolved = config_to_dict(self.cfg)
-        if self.config_path.is_file():
-            previous = yaml.safe_load(self.config_path.read_text())
-            if previous != resolved:
-                changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
-                raise SpinMegaError(
-                    f"{self.workdir} holds a run with a different config (sections differing: {', '.join(changed)}); "
-                    "use a new --workdir, or delete its config.yaml to continue with the new settings"
-                )
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.config_path)
+        check_resume(self.workdir, resolved, defaults=config_to_dict(SpinConfig()))
+        write_resolved_config(self.config_path, resolved)
 
     # ---- models of each iteration -------------------------------------------------------------------
     def hf_model(self, t: int) -> Path:
@@ -121,12 +125,23 @@ class SpinLoop:
         self.stages.convert(["mcore-to-hf", "--mcore", str(mcore), "--out", str(out)],
                             f"exporting {mcore}", self.workdir / LOGS_DIR / "convert.log")
 
-    def _prompts(self, t: int, it_dir: Path) -> None:
-        from spin_mega.data import drop_incomplete, load_rows, subsample
+    @functools.cached_property
+    def sft_rows(self) -> tuple:
+        """(the SFT rows with a usable prompt and response, what loading counted, how many were skipped):
+        read once per run, at start-up, so that bad data is refused before any stage runs."""
+        from spin_mega.data import drop_incomplete, load_rows
 
         counts: dict = {}
-        rows = load_rows(self.sft_data, self.cfg.data.schema, counts=counts)
+        rows = load_rows(self.cfg.data.train_path, self.cfg.data.schema, counts=counts)
         rows, skipped = drop_incomplete(rows)
+        if len(rows) == 0:
+            raise SpinMegaError(f"data.train_path {self.cfg.data.train_path} has no row with a usable prompt and response")
+        return rows, counts, skipped
+
+    def _prompts(self, t: int, it_dir: Path) -> None:
+        from spin_mega.data import subsample
+
+        rows, counts, skipped = self.sft_rows
         if skipped:
             log(f"iteration {t}: {skipped} SFT rows without a usable prompt or response skipped")
         if counts["multi_turn_first_turn_only"]:
@@ -141,18 +156,13 @@ class SpinLoop:
 
     @functools.cached_property
     def heldout_rows(self) -> list[dict]:
-        """The held-out rows, read once per run (every evaluation and the prompt files use them)."""
-        path = self.cfg.eval.eval_path or self.cfg.data.eval_path
-        if not path:
+        """The held-out rows of data.eval_path, read and checked once per run at start-up (every evaluation
+        and the prompt files use them); none without data.eval_path."""
+        if not self.cfg.data.eval_path:
             return []
-        rows = read_jsonl(path) if str(path).endswith(".jsonl") else None
-        if rows is None:
-            from spin_mega.generation.runner import load_sft_rows
+        from spin_mega.evaluation.heldout import load_heldout
 
-            rows = load_sft_rows(path, "auto")
-        for i, r in enumerate(rows):
-            r.setdefault("prompt_id", f"heldout-{i}")
-        return rows[: self.cfg.eval.max_samples]
+        return load_heldout(self.cfg.data.eval_path, self.cfg.eval.max_samples)
 
     def _generate(self, t: int, it_dir: Path) -> None:
         combined = it_dir / ALL_GENERATIONS
@@ -191,18 +201,24 @@ class SpinLoop:
         random.Random(self.cfg.data.shuffle_seed + t).shuffle(rows)
         atomic_write_text(it_dir / PAIRS, "".join(json.dumps(r) + "\n" for r in rows))
 
-    def _train(self, t: int, it_dir: Path) -> None:
+    def training_overrides(self, t: int, it_dir: Path) -> list[str]:
+        """What iteration t's training changes in the run's config: its start, its pairs and, where the run
+        has per-iteration schedules, this iteration's entry in place of optim.lr / loss.beta. Nothing else:
+        every other key the user set reaches the training as written."""
         from spin_mega.training.trackers import iteration_overrides
 
-        args = [
-            "train", str(self.config_path), "--workdir", str(it_dir / TRAIN_DIR),
+        overrides = [
             "--set", f"start_model={self.mcore_model(t)}",
             "--set", f"data.train_path={it_dir / PAIRS}",
             "--set", "data.schema=pairs",
-            "--set", f"optim.lr={per_iteration(self.cfg.iterations.lr, t)}",
-            "--set", f"loss.beta={per_iteration(self.cfg.iterations.beta, t)}",
-            *iteration_overrides(self.cfg.logging, self.workdir, t),
         ]
+        for schedule, key in ((self.cfg.iterations.lr, "optim.lr"), (self.cfg.iterations.beta, "loss.beta")):
+            if schedule is not None:
+                overrides += ["--set", f"{key}={per_iteration(schedule, t)!r}"]
+        return overrides + iteration_overrides(self.cfg.logging, self.workdir, t)
+
+    def _train(self, t: int, it_dir: Path) -> None:
+        args = ["train", str(self.config_path), "--workdir", str(it_dir / TRAIN_DIR), *self.training_overrides(t, it_dir)]
         self._refuse_unhealthy(t, it_dir)
         try:
             self.stages.train(args, f"training of iteration {t}", it_dir / LOGS_DIR / "train.log", it_dir / TRAIN_DIR / PREEMPTED_MARKER)
@@ -218,7 +234,8 @@ class SpinLoop:
         raise TrainingUnhealthy(
             f"iteration {t}'s training stopped before the update of step {record['step']}: {record['cause']}; "
             f"theta_{t + 1} was not exported, generated from or evaluated and earlier outputs are kept; lower "
-            f"iterations.lr (it is {per_iteration(self.cfg.iterations.lr, t):g}) in a new --workdir, or delete "
+            f"{'iterations.lr' if self.cfg.iterations.lr is not None else 'optim.lr'} (it is "
+            f"{iteration_lr(self.cfg, t):g}) in a new --workdir, or delete "
             f"{self.config_path} and {it_dir / TRAIN_DIR} to retrain only this iteration"
         )
 
@@ -281,17 +298,19 @@ class SpinLoop:
         atomic_write_json(summary_path, summary)
         return summary
 
-    def run(self) -> int:
-        if not self.cfg.start_model:
-            raise SpinMegaError("start_model is not set: point it at theta_0, an HF model directory or a spin-mega checkpoint")
-        if not Path(self.cfg.start_model).exists():
-            raise SpinMegaError(f"start_model {self.cfg.start_model} does not exist")
-        if not self.sft_data:
-            raise SpinMegaError("data.train_path is not set: point it at the SFT data (prompt, response)")
-        self._write_config()
+    def run(self, evaluate: bool = True) -> int:
+        """evaluate=False stops every iteration after its export: no evaluation, summary or report (a later
+        run with evaluation on the same work directory does them)."""
+        self.check_start()
+        with hold_lock(self.workdir):
+            self._record_config()
+            return self._run_stages(evaluate)
+
+    def _run_stages(self, evaluate: bool) -> int:
         try:
             self._import_start()
-            if self.heldout_rows or self.cfg.eval.lm_eval_tasks:
+            evaluating = evaluate and bool(self.heldout_rows or self.cfg.eval.lm_eval_tasks)
+            if evaluating:
                 self._stage(self.workdir, "baseline_eval", "evaluate theta_0",
                             lambda: self.evaluate(self.hf_model(0), self.workdir / BASELINE_EVAL, None, None))
             for t in range(self.cfg.iterations.num_iterations):
@@ -304,11 +323,13 @@ class SpinLoop:
                 self._stage(it_dir, "train", f"iteration {t + 1}/{n}: train theta_{t + 1}", lambda: self._train(t, it_dir))
                 self._stage(it_dir, "export", f"iteration {t + 1}/{n}: export theta_{t + 1} to HF",
                             lambda: self._export(self.mcore_model(t + 1), it_dir / HF_DIR))
-                if self.heldout_rows or self.cfg.eval.lm_eval_tasks:
+                if not evaluate:
+                    continue
+                if evaluating:
                     self._stage(it_dir, "eval", f"iteration {t + 1}/{n}: evaluate theta_{t + 1}",
                                 lambda: self.evaluate(it_dir / HF_DIR, it_dir / EVAL, self.hf_model(t), it_dir / HELDOUT_GENERATIONS))
                 else:
-                    mark_done(it_dir, "eval", 0.0)
+                    mark_done(it_dir, "eval", 0.0, skipped=True)
                 self.write_summary()
         except Preempted as exc:
             log(f"{exc}; re-run the same command to resume")
@@ -319,6 +340,8 @@ class SpinLoop:
 
             write_report(self.workdir)
             raise
+        if not evaluate:
+            return 0
         summary = self.write_summary()
         try:
             from spin_mega.report import write_report
@@ -333,14 +356,11 @@ class SpinLoop:
 
 def load_run_config(config_path: Optional[str], overrides: list[str], workdir: Path) -> SpinConfig:
     """The config of a run: CONFIG + overrides, or for a resumed run without CONFIG the one saved in WORKDIR."""
-    from spin_mega.config import load_config, validate_run
+    from spin_mega.config import load_config
 
     if config_path is None:
-        saved = workdir / CONFIG
-        if not saved.is_file():
-            raise SpinMegaError(f"no config given and {saved} does not exist")
-        cfg = config_from_dict(yaml.safe_load(saved.read_text()), overrides)
-    else:
-        cfg = load_config(config_path, overrides)
-    validate_run(cfg)
-    return cfg
+        saved = read_resolved_config(workdir / CONFIG)
+        if saved is None:
+            raise SpinMegaError(f"no config given and {workdir / CONFIG} does not exist")
+        return config_from_dict(saved, overrides)
+    return load_config(config_path, overrides)

@@ -7,6 +7,20 @@
     DIR/tokenizer/             the tokenizer files, carried along for export and generation
 
 Training checkpoints (training/checkpoint.py) hold the same three entries plus optimizer and trainer state.
+
+Extra state (`*._extra_state`): Transformer Engine's modules (its linears, DotProductAttention, RMSNorm) each
+carry one in their sharded state dict, the fp8 scaling metadata (recipe, scales, amax history) or an empty
+tensor without fp8; megatron-core's local layers carry None. A checkpoint may lack some: the converter writes
+none for TE's attention and final norm, and a checkpoint trained with the local spec (CPU) has none of them.
+The load tolerates exactly those, with megatron-core's strict handling (RETURN_UNEXPECTED: the keys the model
+asks for and the checkpoint lacks are dropped from the request and returned), and leaves those modules with
+the extra state they were built with. That is right for resharding, because megatron-core saves extra state as
+one replicated object per layer (its replica id spans TP and DP) whose absence means the same thing at any
+TP x PP; and for fp8, because the fp8 state of weights that never ran in fp8 is TE's fresh one (scale 1, an
+empty amax history that the first steps fill), which is what the modules hold after construction. Writing
+empty entries at conversion would say the same, but would tie the converter to one TE version's module names
+(attention, norms, experts). Extra state that is present loads as saved (a TE run's fp8 history resumes), and
+any other missing key, a weight, still fails the load.
 """
 
 from __future__ import annotations
@@ -96,15 +110,46 @@ def save_model(model, path: str | Path) -> None:
     dist_checkpointing.save(sharded_state_dict(model), str(target))
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def _own_extra_state(request: dict, path: tuple = ()) -> list[tuple[tuple, str, object]]:
+    """(where in the request, global key, the module's current value) of every extra-state object asked for."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    found = []
+    for name, value in request.items():
+        if isinstance(value, dict):
+            found += _own_extra_state(value, path + (name,))
+        elif isinstance(value, ShardedObject) and value.key.endswith(EXTRA_STATE_SUFFIX):
+            found.append((path + (name,), value.key, value.data))
+    return found
+
+
 def load_model(model, path: str | Path) -> None:
-    """Collective: loads the global tensors of `path/model` into this rank's shard of `model`."""
+    """Collective: loads the global tensors of `path/model` into this rank's shard of `model`. Extra state the
+    checkpoint lacks keeps the modules' own (see the module docstring); a missing weight fails."""
     source = Path(path) / MODEL_SUBDIR
     if not source.is_dir():
         raise SpinMegaError(f"{path} holds no Megatron model checkpoint (missing {MODEL_SUBDIR}/)")
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    request = sharded_state_dict(model)
+    own = _own_extra_state(request)
     try:
-        loaded = dist_checkpointing.load(sharded_state_dict(model), str(source))
+        # megatron-core calls the keys a model asks for and a checkpoint lacks "unexpected".
+        loaded, _, absent = dist_checkpointing.load(request, str(source), strict=StrictHandling.RETURN_UNEXPECTED)
     except checkpoint_errors() as exc:  # many types, some not Exceptions; the user needs the path and the cause
         raise CheckpointUnreadable(f"cannot load the Megatron checkpoint at {source}: {one_line_cause(exc)}") from None
+    missing = sorted(key for key in absent if not key.endswith(EXTRA_STATE_SUFFIX))
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise SpinMegaError(f"the Megatron checkpoint at {source} lacks weights this model needs: {shown}")
+    for where, key, value in own:
+        if key in absent:
+            target = loaded
+            for name in where[:-1]:
+                target = target.setdefault(name, {})
+            target[where[-1]] = value
     _load_state_dict(model, loaded)

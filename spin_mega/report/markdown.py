@@ -264,11 +264,11 @@ def _first_step_note(run: RunData) -> Optional[str]:
         return f"First-step loss (ln 2 = {LN2:.6f} expected with the logistic loss): {values}."
     import dataclasses
 
-    from spin_mega.config import per_iteration
+    from spin_mega.config import iteration_beta
     from spin_mega.training.loss import first_step_loss
 
     def expected(t: int, row: dict) -> float:
-        loss = dataclasses.replace(cfg.loss, beta=per_iteration(cfg.iterations.beta, t))
+        loss = dataclasses.replace(cfg.loss, beta=iteration_beta(cfg, t))
         return first_step_loss(loss, as_number(row.get("sft_nll")) or 0.0)
 
     values = ", ".join(f"iteration {t}: {_fmt(as_number(row.get('loss')), 6)} (expected {expected(t, row):.6f})" for t, row in firsts)
@@ -279,8 +279,11 @@ def _loss_note(run: RunData) -> Optional[str]:
     cfg = _run_config(run)
     if cfg is None:
         return None
+    from spin_mega.config import iteration_beta
     from spin_mega.training.loss import describe
 
+    if cfg.iterations.beta is None:
+        return f"Loss: {describe(cfg.loss)}; β {cfg.loss.beta:g} in every iteration."
     return f"Loss: {describe(cfg.loss)}; β per iteration {', '.join(f'{b:g}' for b in cfg.iterations.beta)} (the last repeats)."
 
 

@@ -84,6 +84,19 @@ def latest_checkpoint(workdir: str | Path) -> Optional[Path]:
     return path
 
 
+def saved_config(workdir: str | Path) -> Optional[dict]:
+    """The config the newest complete checkpoint was trained with (its trainer_state.json), or None: what a
+    work directory from before WORKDIR/config.yaml was recorded resumes against."""
+    complete = complete_checkpoints(workdir)
+    if not complete:
+        return None
+    try:
+        config = json.loads((complete[-1] / "trainer_state.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 

@@ -2,7 +2,8 @@
 log-probs is reported (or stops the run).
 
 Every optimizer step the trainer calls `HealthGuard.step(...)` in place of `optimizer.step()`. It prepares the
-gradients, computes the global gradient norm, and agrees with every rank in one all-reduce on
+gradients, computes the global gradient norm, and agrees with every rank in one all-reduce (which also carries
+the trainer's own per-step sums: metrics and the preemption vote, so a step has one such collective) on
 
   - whether the loss, the log-probs or the gradient norm is NaN or infinite (the loss lives on the last
     pipeline stage, so the other stages learn of it only through this agreement), and
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 _LOSS_BAD, _LOGPS_BAD, _GRAD_BAD, _CHOSEN_DELTA, _CHOSEN_TOKENS, _REJECTED_DELTA, _REJECTED_TOKENS = range(7)
 # Sums over the step's pairs for the first-step check (training/first_step.py).
 _LOSS_SUM, _PAIRS, _REWARD_ABS, _LOGP_ABS, _SFT_NLL = range(7, 12)
+_OWN = 12  # the guard's own sums; a caller's `also` vector follows them
 _WHAT = {_LOSS_BAD: "the loss", _LOGPS_BAD: "the log-probs", _GRAD_BAD: "the gradient norm"}
 
 
@@ -75,6 +77,7 @@ class StepHealth:
     collapsed: bool  # chosen_change below -bound
     stop_cause: Optional[str] = None  # a sentence fragment; set when the run must stop at this step
     advice: Optional[str] = None  # what to try, when the default (a lower learning rate) does not fit the cause
+    also: object = None  # the caller's `also` vector summed over every rank (a float64 tensor), or None
 
     def metrics(self) -> dict:
         """The columns this adds to the step's metrics row."""
@@ -98,18 +101,22 @@ class HealthGuard:
     lowest_chosen_change: Optional[float] = None
     first_step: Optional[FirstStepCheck] = None  # checked at step 1 (a run that starts the iteration)
 
-    def step(self, optimizer, outputs: list, device, step: int) -> StepHealth:
+    def step(self, optimizer, outputs: list, device, step: int, also=None) -> StepHealth:
         """Replaces `optimizer.step()` for optimizer step number `step` (1-based). Collective over all ranks.
 
         `outputs` are this rank's forward-backward outputs: on the last pipeline stage one dict per
-        micro-batch whose "stats" follow forward.STAT_NAMES; elsewhere empty."""
+        micro-batch whose "stats" follow forward.STAT_NAMES; elsewhere empty. `also`: a float64 vector of the
+        same length on every rank, summed over all ranks in the same all-reduce (StepHealth.also)."""
         # Imported here: the loop and the report read stop records through this module without torch.
         import torch
         import torch.distributed as dist
 
         from spin_mega.training.forward import STAT_NAMES
 
-        vector = torch.zeros(12, dtype=torch.float64, device=device)
+        extra = 0 if also is None else also.numel()
+        vector = torch.zeros(_OWN + extra, dtype=torch.float64, device=device)
+        if extra:
+            vector[_OWN:] = also
         if outputs:
             # Tensor operations only: one host synchronisation for the whole check, at the all-reduce.
             stats = torch.stack([out["stats"] for out in outputs]).to(device, torch.float64)
@@ -134,7 +141,7 @@ class HealthGuard:
         # A sum over every rank: tensor-parallel ranks repeat the last stage's sums, which scales numerator
         # and denominator alike, and other stages add zeros.
         dist.all_reduce(vector)
-        agreed = vector.tolist()
+        agreed = vector[:_OWN].tolist()
         non_finite = [what for i, what in _WHAT.items() if agreed[i] > 0]
         chosen = agreed[_CHOSEN_DELTA] / agreed[_CHOSEN_TOKENS] if agreed[_CHOSEN_TOKENS] else None
         rejected = agreed[_REJECTED_DELTA] / agreed[_REJECTED_TOKENS] if agreed[_REJECTED_TOKENS] else None
@@ -143,7 +150,7 @@ class HealthGuard:
         if rejected is not None and not math.isfinite(rejected):
             rejected = None
         collapsed = chosen is not None and chosen < -self.bound
-        health = StepHealth(not non_finite, grad_norm, non_finite, chosen, rejected, collapsed)
+        health = StepHealth(not non_finite, grad_norm, non_finite, chosen, rejected, collapsed, also=vector[_OWN:] if extra else None)
         if non_finite:
             values = non_finite[0] if len(non_finite) == 1 else ", ".join(non_finite[:-1]) + " and " + non_finite[-1]
             health.stop_cause = f"{values} {'is' if len(non_finite) == 1 else 'are'} not finite (NaN or inf)"

@@ -91,6 +91,9 @@ def build_scheduler(optim: OptimConfig, optimizer, total_steps: int) -> Optimize
         end_wd=optim.weight_decay,
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # On resume the schedule is this run's, not the checkpoint's: a resume may change only the run's length
+        # (rundir.RESUME_MAY_CHANGE), and the remaining steps then follow the schedule of the new length; with
+        # the checkpoint's, steps past its old end would train at min_lr. The step count is restored either way.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )

@@ -2,8 +2,10 @@
 
 NVML numbers its devices by the machine's order and ignores CUDA_VISIBLE_DEVICES, while torch's cuda:N counts
 only the visible ones: the handle is therefore looked up by the PCI bus id (or UUID) torch reports for its
-device, never by index. Any NVML error (no driver in the container, MIG or vGPU without the queried counter,
-a driver/library mismatch) turns telemetry off with one log line and training goes on.
+device, never by index, through nvidia-ml-py's nvmlDeviceGetHandleByPciBusId (which calls the C library's _v2
+itself; the Python module has no _v2 name). Any NVML error (no driver in the container, MIG or vGPU without the
+queried counter, a driver/library mismatch) turns NVML's columns off with one log line and training goes on;
+torch's own peak-memory column does not depend on NVML.
 
 MFU = model FLOPs of the step's real tokens / (step time x peak FLOP/s of the GPUs). Model FLOPs come from the
 model's shape (so they do not depend on how TP/PP split it), padding tokens are not counted, and the peak is
@@ -102,7 +104,7 @@ def mfu(model: ModelConfig, real_tokens: int, seq_len: int, fused_opponent: bool
 
 
 def nvml_pci_bus_id(domain: int, bus: int, device: int) -> str:
-    """NVML's spelling of a PCI address, as nvmlDeviceGetHandleByPciBusId_v2 accepts it."""
+    """NVML's spelling of a PCI address (nvmlPciInfo_t.busId), as nvmlDeviceGetHandleByPciBusId accepts it."""
     return f"{domain:08X}:{bus:02X}:{device:02X}.0"
 
 
@@ -122,24 +124,36 @@ def _log_once(message: str) -> None:
 
 
 class GpuTelemetry:
-    """Memory, utilisation and power of this rank's GPU; an empty sample without CUDA or once NVML failed."""
+    """Memory, utilisation and power of this rank's GPU, and torch's peak allocation on it; an empty sample
+    without CUDA, only torch's figure once NVML failed."""
 
-    def __init__(self, identity: Optional[tuple[str, str]] = None, nvml=None, log: Callable[[str], None] = _log_once) -> None:
+    def __init__(
+        self,
+        identity: Optional[tuple[str, str]] = None,
+        nvml=None,
+        log: Callable[[str], None] = _log_once,
+        torch_peak_bytes: Optional[Callable[[], int]] = None,
+    ) -> None:
         """identity: ('pci', bus id) or ('uuid', uuid) of the device; default: torch's current CUDA device.
-        nvml: the pynvml module (a stand-in only to test a failing call)."""
+        nvml: the pynvml module (tests pass a double built from it). torch_peak_bytes: torch's peak allocation
+        on the device; default torch.cuda.max_memory_allocated with CUDA, none without."""
         self._handle = None
         self._log = log
+        if torch_peak_bytes is None and torch.cuda.is_available():
+            torch_peak_bytes = torch.cuda.max_memory_allocated
+        self._torch_peak_bytes = torch_peak_bytes
         if identity is None:
             if not torch.cuda.is_available():
                 return
             identity = _device_identity(torch.cuda.current_device())
+        self.identity = identity
         try:
             if nvml is None:
                 import pynvml as nvml
             nvml.nvmlInit()
             kind, key = identity
             if kind == "pci":
-                self._handle = nvml.nvmlDeviceGetHandleByPciBusId_v2(key)
+                self._handle = nvml.nvmlDeviceGetHandleByPciBusId(key)
             else:
                 self._handle = nvml.nvmlDeviceGetHandleByUUID(key)
             self._nvml = nvml
@@ -155,8 +169,11 @@ class GpuTelemetry:
         self._log(message)
 
     def sample(self) -> dict:
+        out = {}
+        if self._torch_peak_bytes is not None:
+            out["torch_max_allocated_gib"] = self._torch_peak_bytes() / 2**30
         if self._handle is None:
-            return {}
+            return out
         nv = self._nvml
         try:
             mem = nv.nvmlDeviceGetMemoryInfo(self._handle)
@@ -164,8 +181,6 @@ class GpuTelemetry:
             power = nv.nvmlDeviceGetPowerUsage(self._handle)
         except Exception as exc:  # e.g. utilisation or power not supported on MIG / vGPU
             self._disable(f"GPU telemetry off: an NVML query failed ({exc})")
-            return {}
-        out = {"gpu_mem_used_gib": mem.used / 2**30, "gpu_util_pct": float(util.gpu), "gpu_power_w": power / 1000.0}
-        if torch.cuda.is_available():
-            out["torch_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            return out
+        out.update(gpu_mem_used_gib=mem.used / 2**30, gpu_util_pct=float(util.gpu), gpu_power_w=power / 1000.0)
         return out

@@ -1,10 +1,16 @@
 """One SPIN iteration's training on Megatron-core: TP x PP x DP, resumable, preemptible.
 
     train(cfg, workdir) -> exit code (0 done, 75 preempted with a checkpoint saved)
+
+Start-up, before anything is written: the process groups, then rank 0 takes the work directory's lock (the
+others learn the outcome by a broadcast, so a refusal ends every rank at once), then every rank compares the
+config with the one the directory's results came from (rundir.check_resume). Rank 0 then records the config
+(WORKDIR/config.yaml) and training sets up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -31,12 +37,15 @@ from spin_mega.models.gpt import have_transformer_engine, padded_vocab_size, tra
 from spin_mega.models.hf_config import resolve_model_config
 from spin_mega.models.packed_attention import choose_backend
 from spin_mega.parallel import distributed
-from spin_mega.rundir import EXIT_PREEMPTED, EXIT_UNHEALTHY, METRICS, PREEMPTED_MARKER, START_MCORE, TRAIN_SUMMARY
+from spin_mega.rundir import (
+    CONFIG, EXIT_PREEMPTED, EXIT_UNHEALTHY, METRICS, NOT_READ_BY_TRAINING, OPPONENT_LOGPS, PREEMPTED_MARKER, START_MCORE,
+    TRAIN_SUMMARY, check_resume, hold_lock, write_resolved_config,
+)
 from spin_mega.training import checkpoint as train_ckpt
 from spin_mega.training import health
 from spin_mega.training import metrics
 from spin_mega.training import pipeline
-from spin_mega.training.aux_loss import step_aux_loss
+from spin_mega.training.aux_loss import local_aux_losses, step_aux_loss
 from spin_mega.training.environment import resolve_dtype, summary, training_choices
 from spin_mega.training.first_step import RTOL as FIRST_STEP_RTOL
 from spin_mega.training.first_step import FirstStepCheck
@@ -45,11 +54,11 @@ from spin_mega.training.logprobs import resolve_impl
 from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
 from spin_mega.training.telemetry import GpuTelemetry, mfu, peak_flops
 
-OPPONENT_FILE = "opponent_logps.json"
-
 
 class _StopFlag:
-    """Set by SIGUSR1/SIGTERM; acted on at the next optimizer-step boundary, agreed over all ranks."""
+    """Set by SIGUSR1/SIGTERM; acted on at the next optimizer-step boundary, agreed over all ranks (each rank's
+    `vote` rides the step's one all-reduce, in the health guard: a signal is seen by the step under way when
+    it arrives before that step's update, else by the next)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -66,10 +75,8 @@ class _StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def vote(self) -> float:
+        return 1.0 if self.requested else 0.0
 
 
 def _start_checkpoint_helpers_deaf_to_preemption() -> None:
@@ -211,19 +218,51 @@ class Trainer:
         self.workdir = Path(workdir)
         self.max_steps = max_steps if max_steps is not None else cfg.train.max_steps
 
-    # ---- set-up -------------------------------------------------------------------------------------
-    def setup(self) -> None:
-        cfg = self.cfg
-        p = cfg.parallel
+    # ---- start-up and set-up ------------------------------------------------------------------------
+    def init_process_groups(self) -> None:
+        """The process groups; nothing is written. Once per process: setup() calls it when run() has not."""
+        if getattr(self, "launch", None) is not None:
+            return
+        p = self.cfg.parallel
         # Before any process group: a layout the model cannot be split into fails in a second.
-        self.layout = pipeline.check_layout(cfg)
+        self.layout = pipeline.check_layout(self.cfg)
         self.launch = distributed.initialize(
-            p.tensor_parallel, p.pipeline_parallel, seed=cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel,
+            p.tensor_parallel, p.pipeline_parallel, seed=self.cfg.train.seed, virtual_pipeline=p.virtual_pipeline_parallel,
             expert_parallel=p.expert_parallel, expert_tensor_parallel=p.expert_tensor_parallel,
         )
-        if dist.get_rank() == 0:
-            self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def workdir_lock(self):
+        """The work directory's lock (rundir.hold_lock), taken by rank 0 for the whole training; a refusal
+        reaches every rank, so none is left waiting at a collective for a rank that has gone."""
+        with contextlib.ExitStack() as stack:
+            refusal = [None]
+            if dist.get_rank() == 0:
+                try:
+                    stack.enter_context(hold_lock(self.workdir))
+                except SpinMegaError as exc:
+                    refusal = [str(exc)]
+            dist.broadcast_object_list(refusal, src=0)
+            if refusal[0] is not None:
+                raise SpinMegaError(refusal[0])
+            yield
+
+    def record_config(self) -> None:
+        """Refuses a resume whose config changes the result (the keys training reads), then records this
+        one as WORKDIR/config.yaml. Directories from before the record compare with their newest checkpoint's."""
+        resolved = config_to_dict(self.cfg)
+        check_resume(self.workdir, resolved, ignore=NOT_READ_BY_TRAINING, fallback=train_ckpt.saved_config(self.workdir),
+                     defaults=config_to_dict(SpinConfig()))
         dist.barrier()
+        if dist.get_rank() == 0:
+            write_resolved_config(self.workdir / CONFIG, resolved)
+        dist.barrier()
+
+    def setup(self) -> None:
+        self.init_process_groups()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        p = cfg.parallel
         self.dtype = resolve_dtype(cfg.train.precision)
         self.start = _prepare_start(cfg, self.workdir)
         if self.start.mcore_dir is not None:
@@ -369,7 +408,7 @@ class Trainer:
     def _precompute_opponent(self) -> dict:
         """Per-sequence log-probs of theta_t on every pair, computed once before the first update and kept
         in the work directory (`opponent_logps.json`, with the prompt ids) so a resume reuses them."""
-        path = self.workdir / OPPONENT_FILE
+        path = self.workdir / OPPONENT_LOGPS
         n = len(self.dataset)
         if path.is_file():
             table = json.loads(path.read_text())
@@ -484,7 +523,13 @@ class Trainer:
         return EXIT_UNHEALTHY
 
     def run(self) -> int:
-        health.refuse_to_resume(self.workdir)
+        self.init_process_groups()
+        with self.workdir_lock():
+            health.refuse_to_resume(self.workdir)
+            self.record_config()
+            return self._train()
+
+    def _train(self) -> int:
         self.setup()
         cfg = self.cfg
         opponent_table = None if self.fused else self._precompute_opponent()
@@ -508,6 +553,7 @@ class Trainer:
         telemetry = GpuTelemetry()
         forward_step = make_forward_step(cfg.loss, self.fused)
         writer = _is_metrics_writer()
+        counts_metrics = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
         progress = None
         if writer:
             from tqdm import tqdm
@@ -525,22 +571,35 @@ class Trainer:
                 t0 = time.perf_counter()
                 data = self.step_data(step, opponent_table)
                 outputs = self.forward_backward(data, forward_step)
-                # Packed steps run as many micro-batches as their rows, not the padded count.
-                aux_loss = step_aux_loss(self.model_cfg, len(data.batches), _device())
+                aux_local = local_aux_losses(self.model_cfg, _device())
                 lr = self.optimizer.param_groups[0]["lr"]
-                checked = guard.step(self.optimizer, outputs, _device(), step + 1)
+                # This step's sums ride the health guard's all-reduce: the metrics from one rank per data-parallel
+                # replica of the last stage (so a world sum is the data-parallel sum the writer needs), every
+                # rank's MoE balancing losses (aux_loss.py), and every rank's preemption vote (a sum above 0: some
+                # rank was signalled). Layout: stats | tokens, padded tokens | balancing loss per layer | vote.
+                n_stats, n_aux = len(STAT_NAMES), 0 if aux_local is None else aux_local.numel()
+                step_sums = torch.zeros(n_stats + 2 + n_aux + 1, dtype=torch.float64, device=_device())
+                if counts_metrics:
+                    for out in outputs or []:
+                        step_sums[:n_stats] += out["stats"].double()
+                    step_sums[n_stats : n_stats + 2] = torch.tensor([data.tokens, data.padded_tokens], dtype=torch.float64)
+                if n_aux:
+                    step_sums[n_stats + 2 : n_stats + 2 + n_aux] = aux_local
+                step_sums[-1] = stop.vote()
+                checked = guard.step(self.optimizer, outputs, _device(), step + 1, also=step_sums)
                 grad_norm = checked.grad_norm
                 if checked.applied:
                     self.scheduler.step(increment=1)
                 step_time = time.perf_counter() - t0
                 done = step + 1
-                stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=_device())
-                for out in outputs or []:
-                    stats += out["stats"].double()
-                tokens = torch.tensor([data.tokens, data.padded_tokens], dtype=torch.float64, device=_device())
-                if parallel_state.is_pipeline_last_stage():
-                    dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-                dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+                stats, tokens = checked.also[:n_stats], checked.also[n_stats : n_stats + 2]
+                aux_loss = None
+                if n_aux:
+                    # Packed steps run as many micro-batches as their rows (with MoE, as many on every rank).
+                    aux_loss = step_aux_loss(
+                        self.model_cfg, checked.also[n_stats + 2 : n_stats + 2 + n_aux], len(data.batches), self.dp_size
+                    )
+                stop_agreed = checked.also[-1].item() > 0
                 if writer:
                     pairs = max(stats[STAT_NAMES.index("pairs")].item(), 1.0)
                     row = {"step": done, **{name: stats[i].item() / pairs for i, name in enumerate(STAT_NAMES) if name != "pairs"}}
@@ -567,7 +626,7 @@ class Trainer:
                 if checked.stop_cause is not None:
                     return self._stop_unhealthy(done, checked.stop_cause, checked.advice)
                 save_due = cfg.train.save_interval and done % cfg.train.save_interval == 0 and done < self.total_steps
-                if stop.agreed():
+                if stop_agreed:
                     self._save(done)
                     if dist.get_rank() == 0:
                         atomic_write_json(self.workdir / PREEMPTED_MARKER, {"step": done, "time": time.time()})

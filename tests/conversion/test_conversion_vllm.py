@@ -9,6 +9,7 @@ import torch
 from conv_testlib import save_hf_model
 
 from spin_mega.conversion import hf_to_mcore, mcore_to_hf
+from tests.support import require_vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -21,7 +22,7 @@ ARCHS = ["llama", "qwen3", "qwen3_moe"]
 @pytest.fixture(scope="module", params=ARCHS)
 def served(request, tmp_path_factory):
     """(exported HF directory, its vLLM engine), one model at a time."""
-    vllm = pytest.importorskip("vllm")
+    vllm = require_vllm()
     root = tmp_path_factory.mktemp(f"conversion_vllm_{request.param}")
     save_hf_model(request.param, root / "hf")
     exported = mcore_to_hf(hf_to_mcore(root / "hf", root / "mcore"), root / "exported")

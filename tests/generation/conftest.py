@@ -1,5 +1,4 @@
-"""Fixtures for the generation tests: the demo's tokenizer and a random tiny Llama built locally with
-spin_mega.demo.build (nothing downloaded), and SFT rows from the shipped demo data."""
+"""Fixtures for the generation tests: SFT rows from the shipped demo data (the tiny model is tests/conftest.py's)."""
 
 from __future__ import annotations
 
@@ -8,14 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spin_mega.demo.build import build_tiny_model, build_tokenizer, load_demo_rows
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_model")
-    build_tokenizer(root / "tokenizer")
-    return build_tiny_model(root / "model", root / "tokenizer", seed=0)
+from spin_mega.demo.build import load_demo_rows
 
 
 @pytest.fixture(scope="session")

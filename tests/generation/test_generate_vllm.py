@@ -3,9 +3,13 @@ about 40 s, so the tests pass it to `generate` instead of naming the backend."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-pytest.importorskip("vllm")
+from tests.support import require_vllm
+
+require_vllm()
 
 from spin_mega.generation import generate, merge_shards
 from spin_mega.generation.runner import partial_path
@@ -15,8 +19,9 @@ from tests.generation.gen_helpers import gen_config, read_rows
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 # DESIGN.md: on CPU the memory fraction is of host memory and the GPU default is refused; eager mode
-# skips the graph compilation that dominates start-up.
-CPU_ENGINE = dict(backend="vllm", gpu_memory_utilization=0.3, enforce_eager=True, max_new_tokens=8, batch_size=4)
+# skips the graph compilation that dominates start-up. An explicit KV cache size replaces the fraction.
+CPU_ENGINE = dict(backend="vllm", gpu_memory_utilization=0.3, kv_cache_gb=0.25, engine_in_process=True, enforce_eager=True,
+                  max_new_tokens=8, batch_size=4)
 
 
 # The bound the runner passes: data.max_prompt_length (DataConfig's default).
@@ -34,6 +39,31 @@ def test_engine_context_is_prompt_plus_new_tokens(engine, tiny_model):
     # Not the model's 1024-token window: a long-context model would otherwise reserve KV cache for a whole
     # window per sequence and refuse to start on a GPU that fits prompt + response many times over.
     assert engine.llm.llm_engine.model_config.max_model_len == MAX_PROMPT_TOKENS + CPU_ENGINE["max_new_tokens"]
+
+
+def test_engine_kv_cache_is_the_configured_size(engine, tiny_model):
+    # Not gpu_memory_utilization's share of host memory (about 7 GB here): the blocks vLLM allocated hold
+    # kv_cache_gb of keys and values at the engine's dtype.
+    import json
+
+    model = json.loads((tiny_model / "config.json").read_text())
+    engine_config = engine.llm.llm_engine.vllm_config
+    per_token = (2 * model["num_hidden_layers"] * model["num_key_value_heads"] * model["head_dim"]
+                 * engine_config.model_config.dtype.itemsize)
+    cache = engine_config.cache_config
+    allocated = cache.num_gpu_blocks * cache.block_size * per_token
+    assert 0.9 * CPU_ENGINE["kv_cache_gb"] * 2**30 <= allocated <= CPU_ENGINE["kv_cache_gb"] * 2**30
+
+
+def test_engine_runs_in_this_process_and_leaves_the_environment_as_it_was(engine):
+    import psutil
+    import vllm.envs
+
+    # vLLM's own engine and worker processes are spawned children (multiprocessing.spawn's spawn_main).
+    spawned = [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    assert spawned == [] and engine.llm.llm_engine.engine_core is not None
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    assert vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING  # a later engine of this process would have its own
 
 
 def test_vllm_generates_one_row_per_prompt(engine, tiny_model, sft_file, sft_rows, tmp_path):

@@ -17,10 +17,15 @@ import pytest
 
 from spin_mega.kernels import aot, logprobs_kernel
 
-# The steady-state vocabulary loop's SASS instructions per element at sm_90 in bf16 (measured: forward
-# 6.6, backward 5.8; before this rewrite 13.75 and 19.25). A ceiling with headroom: it catches a per-element
-# label compare, tl.exp's denormal handling or masked loads creeping back into the loop.
-MAX_INSTRUCTIONS_PER_ELEMENT = {"fwd_logprob": 7.5, "fwd_stats": 7.5, "bwd": 6.5}
+# The steady-state vocabulary loop's SASS instructions per element in bf16, per kernel and architecture:
+# 3% above what was measured (benchmarks/results/logprob_kernels_sass.json: forward 6.62 at sm_90 and 6.59
+# at sm_80, backward 5.81 and 5.88; before the loop's rewrite 13.75 and 19.25). One extra instruction per
+# thread's 32 (forward) or 16 (backward) elements breaks it: a per-element label compare, tl.exp's denormal
+# handling or masked loads creeping back into the loop would add far more.
+MAX_INSTRUCTIONS_PER_ELEMENT = {
+    ("fwd_logprob", 90): 6.82, ("fwd_stats", 90): 6.82, ("bwd", 90): 5.98,
+    ("fwd_logprob", 80): 6.79, ("fwd_stats", 80): 6.79, ("bwd", 80): 6.06,
+}
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +67,15 @@ def test_no_register_spills(compiled: list[dict]) -> None:
 
 
 def test_vocabulary_loop_instruction_count(compiled: list[dict]) -> None:
-    llm = [r for r in compiled if r["arch"] == 90 and r["dtype"] == "bf16" and r["n_valid"] in aot.LLM_VOCABS]
-    assert {r["kernel"] for r in llm} == set(MAX_INSTRUCTIONS_PER_ELEMENT)
+    llm = [r for r in compiled if r["dtype"] == "bf16" and r["n_valid"] in aot.LLM_VOCABS]
+    assert {(r["kernel"], r["arch"]) for r in llm} == set(MAX_INSTRUCTIONS_PER_ELEMENT)
     for r in llm:
         assert r["loop_mix"].get("MUFU", 0) == r["elements_per_thread"] + (r["kernel"] != "bwd"), (
             f"{r['kernel']}: one MUFU.EX2 per element (plus the running max's rescale) expected, got {r['loop_mix']}"
         )
-        assert r["instructions_per_element"] <= MAX_INSTRUCTIONS_PER_ELEMENT[r["kernel"]], (
-            f"{r['kernel']}: {r['instructions_per_element']} SASS instructions per element: {r['loop_mix']}"
+        assert r["instructions_per_element"] <= MAX_INSTRUCTIONS_PER_ELEMENT[r["kernel"], r["arch"]], (
+            f"{r['kernel']} sm_{r['arch']} V={r['n_valid']}: {r['instructions_per_element']} SASS instructions per "
+            f"element: {r['loop_mix']}"
         )
 
 

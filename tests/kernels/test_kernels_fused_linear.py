@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_cases import IGNORE
 
-from spin_mega.kernels import fused_linear_token_logprobs, reference_fused_linear_token_logprobs, token_logprobs
+from spin_mega.kernels import fused_linear, fused_linear_token_logprobs, reference_fused_linear_token_logprobs, token_logprobs
 
 # float32: a logit is a product over H <= 48 terms (~1e-6 relative error, logits of order 10), then the
 # kernel's 2e-5; d hidden and d weight sum at most 200 products of order 1: 1e-5 absolute plus 1e-5 relative.
@@ -108,3 +108,44 @@ def test_fused_linear_rejects_bad_input(device: torch.device) -> None:
         fused_linear_token_logprobs(hidden, weight, labels.clamp(max=29), vocab_size=25)
     with pytest.raises(ValueError, match="hidden"):
         fused_linear_token_logprobs(hidden, weight[:, :7], labels.clamp(max=29))
+
+
+def test_fp32_accumulation_is_probed_and_falls_back_where_torch_lacks_it() -> None:
+    """CPU torch has neither the float32-output addmm nor mm for 16-bit operands: the probe says so for each
+    and the backward accumulates through widened operands. (On CUDA the same probe decides; the preflight
+    reports its choice.)"""
+    fused_linear.fp32_accumulation.cache_clear()
+    chosen = fused_linear.fp32_accumulation(torch.device("cpu"), torch.bfloat16)
+    assert chosen.name == fused_linear.FP32_ACCUMULATIONS[2][0]
+    assert [name for name, _ in chosen.rejected] == [name for name, _ in fused_linear.FP32_ACCUMULATIONS[:2]]
+    assert all(why.startswith("NotImplementedError") for _, why in chosen.rejected)
+
+
+def test_fp32_accumulation_skips_forms_that_fail_or_round(monkeypatch) -> None:
+    """A formulation that raises (as torch.addmm with a float32 `self` and bf16 operands does on the torch
+    versions whose CUDA check wants one dtype) or that rounds the product to 16 bits is passed over."""
+
+    def refuses(acc, a, b):
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    def rounds(acc, a, b):
+        acc.add_((a @ b).float())
+
+    monkeypatch.setattr(fused_linear, "FP32_ACCUMULATIONS", (("refuses", refuses), ("rounds", rounds), ("exact", fused_linear._upcast_then_addmm)))
+    fused_linear.fp32_accumulation.cache_clear()
+    try:
+        chosen = fused_linear.fp32_accumulation(torch.device("cpu"), torch.bfloat16)
+        assert chosen.name == "exact"
+        reasons = dict(chosen.rejected)
+        assert reasons["refuses"].startswith("RuntimeError: self and mat2") and reasons["rounds"].startswith("off by")
+        # The backward uses the choice: d hidden of a multi-chunk bf16 call is the float64 reference's.
+        gen = torch.Generator().manual_seed(5)
+        hidden = torch.randn(6, 32, generator=gen).bfloat16().requires_grad_()
+        weight = (torch.randn(70, 32, generator=gen) / 4).bfloat16()
+        labels = torch.randint(70, (6,), generator=gen)
+        fused_linear_token_logprobs(hidden, weight, labels, chunk_size=16).sum().backward()
+        h64 = hidden.detach().double().requires_grad_()
+        torch.log_softmax(h64 @ weight.double().T, -1).gather(-1, labels[:, None]).sum().backward()
+        torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=0, atol=2.0**-7 * h64.grad.abs().max().item())
+    finally:
+        fused_linear.fp32_accumulation.cache_clear()

@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from spin_mega.io import read_jsonl
 from tests.support import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+BETA, LR = 0.5, 1e-4
 
 
 def _have_vllm() -> bool:
@@ -42,12 +45,15 @@ def loop_setup(tmp_path_factory) -> dict:
     heldout.write_text("".join(json.dumps(r) + "\n" for r in load_demo_rows("heldout")[:8]))
     config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
     config["start_model"] = str(model)
-    config["data"].update(train_path=str(sft), schema="prompt_response")
-    config["eval"].update(eval_path=str(heldout), max_samples=8, max_new_tokens=12)
+    config["data"].update(train_path=str(sft), eval_path=str(heldout), schema="prompt_response")
+    config["eval"].update(max_samples=8, max_new_tokens=12)
     config["train"].update(micro_batch_size=4, global_batch_size=8, epochs=1)
     # Flushes of 8 prompts give the interruption test a partial file to stop in.
     config["generation"].update(backend="vllm", max_new_tokens=16, batch_size=8)
-    config["iterations"].update(num_iterations=2, num_prompts=32, lr=[1e-4], beta=[0.1])
+    config["iterations"].update(num_iterations=2, num_prompts=32)
+    # The user's single values, not the defaults (0.1, 5e-7): each must reach every iteration's training.
+    config["loss"]["beta"] = BETA
+    config["optim"].update(lr=LR, warmup_ratio=0.0)
     path = root / "loop.yaml"
     path.write_text(yaml.safe_dump(config))
     # The interruption test uses the hf backend: vLLM answers these 40 short prompts in a fraction of a
@@ -105,6 +111,48 @@ def loop_setup_model_dir(workdir: Path, t: int) -> Path:
     return workdir / f"iter_{t - 1}" / "hf"
 
 
+def _hf_tensors(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def _assert_export_is_the_final_checkpoint(workdir: Path, t: int) -> None:
+    """theta_(t+1) exported for generation (iter_t/hf) holds the weights of iteration t's last training
+    checkpoint, compared tensor by tensor (read from the Megatron checkpoint directly, through the mappings
+    that copy a tensor whole: embedding, final norm, each layer's norms and down projection), and differs
+    from theta_t."""
+    from spin_mega.conversion.dist_ckpt import CheckpointReader
+    from spin_mega.training.checkpoint import latest_checkpoint
+
+    final = latest_checkpoint(workdir / f"iter_{t}" / "train")
+    assert final is not None and final.name == f"step_{json.loads((final / 'trainer_state.json').read_text())['total_steps']:06d}"
+    reader = CheckpointReader(final / "model")
+    exported, previous = _hf_tensors(workdir / f"iter_{t}" / "hf"), _hf_tensors(loop_setup_model_dir(workdir, t))
+
+    def megatron(key: str, layer: int | None = None):
+        shape = tuple(reader.tensor_meta(key).size)
+        if layer is None:
+            return reader.read(key, (0,) * len(shape), shape)
+        return reader.read(key, (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0]
+
+    vocab = exported["model.embed_tokens.weight"].shape[0]
+    pairs = [("model.embed_tokens.weight", megatron("embedding.word_embeddings.weight")[:vocab]),
+             ("model.norm.weight", megatron("decoder.final_layernorm.weight"))]
+    for i in range(sum(1 for k in exported if k.endswith("mlp.down_proj.weight"))):
+        pairs += [(f"model.layers.{i}.mlp.down_proj.weight", megatron("decoder.layers.mlp.linear_fc2.weight", i)),
+                  (f"model.layers.{i}.input_layernorm.weight", megatron("decoder.layers.self_attention.linear_qkv.layer_norm_weight", i))]
+    moved = 0.0
+    for name, trained in pairs:
+        assert torch.equal(exported[name], trained.to(exported[name].dtype)), f"iteration {t}: {name} is not the trained weight"
+        moved = max(moved, (exported[name].double() - previous[name].double()).abs().max().item())
+    # Training moved the weights (an export of theta_t, or of an early checkpoint, would not be the final one).
+    assert moved > 1e-6, f"iteration {t}: the exported weights equal theta_{t}'s"
+
+
 def test_two_iterations_with_vllm(straight_run):
     w = straight_run
     summary = json.loads((w / "summary.json").read_text())
@@ -123,11 +171,9 @@ def test_two_iterations_with_vllm(straight_run):
     # that equal the human response (no signal).
     identical = sum(it["generation"]["identical_to_human"] for it in summary["iterations"])
     assert len(read_jsonl(w / "iter_1" / "pairs.jsonl")) == 64 - identical
-    # Theta_1 generated iteration 1's responses: they differ from theta_0's for at least one prompt.
-    first = {g["prompt_id"]: g["rejected"] for g in read_jsonl(w / "iter_0" / "generations.jsonl")}
-    second = {g["prompt_id"]: g["rejected"] for g in read_jsonl(w / "iter_1" / "generations.jsonl")}
-    common = first.keys() & second.keys()
-    assert common and any(first[k] != second[k] for k in common)
+    # theta_(t+1), exported for iteration t+1's generation, is the trained model: iteration t's final weights.
+    for t in (0, 1):
+        _assert_export_is_the_final_checkpoint(w, t)
     # Each iteration sampled from its own weights: iteration 1's rows carry the fingerprint of the exported
     # theta_1 (iter_0/hf), not theta_0's; the hashes are computed here, from the files, independently.
     theta = [loop_setup_model_dir(w, t) for t in (0, 1)]
@@ -136,6 +182,32 @@ def test_two_iterations_with_vllm(straight_run):
     for t in (0, 1):
         assert {g["meta"]["model_fingerprint"] for g in read_jsonl(w / f"iter_{t}" / "generations.jsonl")} == {fingerprints[t]}
     assert (w / "report" / "report.md").is_file()
+
+
+def test_every_stage_ran_with_the_users_settings(straight_run):
+    """loss.beta and optim.lr as the run config wrote them reach each iteration's training: in the config the
+    stage recorded and in what it logged. Generation and evaluation record their configs beside their outputs."""
+    w = straight_run
+    run_config = yaml.safe_load((w / "config.yaml").read_text())
+    assert (run_config["loss"]["beta"], run_config["optim"]["lr"]) == (BETA, LR)
+    for t in (0, 1):
+        it = w / f"iter_{t}"
+        trained = yaml.safe_load((it / "train" / "config.yaml").read_text())
+        assert (trained["loss"]["beta"], trained["optim"]["lr"]) == (BETA, LR)
+        assert trained["data"]["train_path"] == str(it / "pairs.jsonl") and trained["data"]["schema"] == "pairs"
+        metrics = [json.loads(line) for line in (it / "train" / "metrics.jsonl").read_text().splitlines()]
+        # No warm-up: the first step trains at optim.lr.
+        assert metrics[0]["lr"] == pytest.approx(LR, rel=1e-9)
+        # reward = beta * (log pi - log pi_opp) per sequence; the logged per-token change is the same log-ratio
+        # summed over the step and divided by its tokens: their quotient is the beta the step trained with.
+        later = [m for m in metrics[1:] if m["logp_chosen_per_token_change"]]
+        assert later
+        for m in later:
+            assert m["reward_chosen"] / (m["logp_chosen_per_token_change"] * m["chosen_tokens"]) == pytest.approx(BETA, rel=1e-6)
+        generation = yaml.safe_load((it / "all_generations.config.yaml").read_text())
+        assert generation["generation"]["seed"] == run_config["generation"]["seed"] + t
+        assert yaml.safe_load((it / "eval.config.yaml").read_text()) == run_config
+    assert yaml.safe_load((w / "baseline_eval.config.yaml").read_text()) == run_config
 
 
 def test_prompt_is_rendered_identically_for_generation_and_training(straight_run):
@@ -234,13 +306,13 @@ def test_failed_stage_reports_one_line_and_keeps_earlier_outputs(loop_setup):
     assert not (workdir / "iter_0" / ".done.train").exists()
     # Re-running with other settings in the same work directory is refused rather than mixing two runs.
     again = _run(loop_setup["config_hf"], workdir, timeout=300)
-    assert again.returncode == 2 and "different config" in again.stderr
+    assert again.returncode == 2 and "holds results of other settings (train.global_batch_size: 4096 -> 8)" in again.stderr
 
 
 def test_unhealthy_training_stops_the_loop_and_keeps_earlier_outputs(loop_setup):
     workdir = loop_setup["root"] / "diverging"
     # The issue's reproduction: a learning rate far too high without clipping gives a NaN loss at step 2.
-    diverge = ("--set", "iterations.lr=[1e30]", "--set", "optim.clip_grad=0")
+    diverge = ("--set", "optim.lr=1e30", "--set", "optim.clip_grad=0")
     result = _run(loop_setup["config_hf"], workdir, *diverge, timeout=900)
     assert result.returncode == 3, result.stderr[-4000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("spin-mega run: error:")]

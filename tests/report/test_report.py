@@ -368,6 +368,67 @@ def test_demo_selection_section(tmp_path, last_improved, phrase):
     assert "- SFT control learning rate 3e-05, chosen by validation exact match from: 3e-05 → 0.550." in report
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the report saves, by file name: what matplotlib was handed, checked against the run's
+    numbers (a PNG's size says nothing about whether the right data was drawn)."""
+    from spin_mega.report import plots
+
+    figures = {}
+    save = plots.save_png
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "save_png", keep)
+    return figures
+
+
+def _line(ax, label):
+    (line,) = [line for line in ax.get_lines() if line.get_label() == label]
+    return [float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]
+
+
+def test_plots_draw_the_runs_numbers(tmp_path, drawn):
+    workdir = make_workdir(tmp_path)
+    write_report(workdir)
+    metrics = {t: _metrics(t, STEPS) for t in (0, 1)}
+
+    # Loss and rewards: each iteration's logged values at its global steps (iteration 1 after iteration 0's).
+    (loss_ax,) = drawn[PLOTS["loss"]].axes
+    margin_ax, accuracy_ax = drawn[PLOTS["rewards"]].axes
+    for t in (0, 1):
+        steps = [t * STEPS + r["step"] for r in metrics[t]]
+        assert _line(loss_ax, f"iteration {t}") == (steps, [r["loss"] for r in metrics[t]])
+        assert _line(margin_ax, f"iteration {t}") == (steps, [r["reward_margin"] for r in metrics[t]])
+        assert _line(accuracy_ax, f"iteration {t}") == (steps, [r["reward_accuracy"] for r in metrics[t]])
+    assert _line(loss_ax, "ln 2 (loss at each iteration's first step)")[1] == [LN2, LN2]
+
+    # Held-out: SPIN's theta_(t+1) per iteration, theta_0 and the control as levels, one panel per metric.
+    for ax, (key, title) in zip(drawn[PLOTS["heldout"]].axes, [("exact_match", "exact match"), ("heldout_logp_per_token", "logp/token")]):
+        assert title in ax.get_title()
+        assert _line(ax, r"SPIN $\theta_{t+1}$") == ([0.0, 1.0], [EVALS[0][key], EVALS[1][key]])
+        assert _line(ax, r"$\theta_0$ (start SFT model)")[1] == [BASELINE[key]] * 2
+    control = {"exact_match": 0.40, "heldout_logp_per_token": -1.65}
+    assert _line(drawn[PLOTS["heldout"]].axes[0], "SFT control (24 steps)")[1] == [control["exact_match"]] * 2
+
+    # Lengths: per iteration a human and a generated box whose median is the median of those responses.
+    (lengths_ax,) = drawn[PLOTS["lengths"]].axes
+    # A box's median line spans its full width (0.7); whiskers are vertical and caps half as wide.
+    medians = [
+        float(line.get_ydata()[0]) for line in lengths_ax.get_lines()
+        if len(set(line.get_ydata())) == 1 and abs(float(line.get_xdata()[-1] - line.get_xdata()[0]) - 0.7) < 1e-9
+    ]
+    expected = []
+    for t in (0, 1):
+        rows = _generations(t)
+        for side in ("chosen", "rejected"):
+            words = sorted(len(r[side].split()) for r in rows)
+            expected.append((words[9] + words[10]) / 2)
+    assert medians == expected
+
+
 def test_report_names_the_loss_and_checks_each_first_step_against_its_closed_form(tmp_path):
     import yaml
 

@@ -1,6 +1,7 @@
 """Faults around training checkpoints, met through `spin-mega train` as a user on a cluster meets them: a
 SIGTERM to the whole process group during a save, a truncated or corrupt newest checkpoint, a disk that fills
-up during a save. Each ends in a safe recovery or one sentence, and never costs the last good checkpoint."""
+up during a save, a resume with other settings, a second process in the same work directory. Each ends in a
+safe recovery or one sentence, and never costs the last good checkpoint."""
 
 from __future__ import annotations
 
@@ -211,3 +212,69 @@ def _train_injected(tiny_run, workdir: Path, failing_dir: str):
            str(workdir), "--max-steps", "4", "--set", "train.save_interval=1"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2],
                           env=dict(os.environ, PYTHONWARNINGS="ignore", SPIN_MEGA_TEST_ENOSPC_UNDER=failing_dir))
+
+
+# ---- 9. resuming with a changed config --------------------------------------------------------------------
+
+def _files_but_the_lock(directory: Path) -> dict[str, bytes]:
+    return {name: data for name, data in _files(directory).items() if Path(name).name != ".lock"}
+
+
+def test_resume_with_another_beta_or_learning_rate_is_refused_and_a_longer_run_follows_its_schedule(tiny_run, trained, tmp_path):
+    from spin_mega.config import config_to_dict, load_config
+    from spin_mega.errors import SpinMegaError
+    from spin_mega.rundir import NOT_READ_BY_TRAINING, check_resume
+    from spin_mega.training.checkpoint import saved_config
+
+    workdir = _copy(trained, tmp_path / "w")
+    before = _files_but_the_lock(workdir)
+    # A learning-rate change on resume would be ignored by the restored schedule, a beta change would mix two
+    # objectives in one model: both are refused, by name.
+    result = _train(tiny_run, workdir, 4, "--set", "loss.beta=0.5", "--set", "optim.lr=2e-3")
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = _one_sentence_error(result.stderr)
+    assert f"{workdir} holds results of other settings (loss.beta: 0.1 -> 0.5; optim.lr: 0.001 -> 0.002)" in error
+    assert "use a new --workdir" in error and f"delete {workdir / 'config.yaml'}" in error
+    assert _files_but_the_lock(workdir) == before
+
+    # A directory from before config.yaml was recorded compares with its newest checkpoint's config.
+    (workdir / "config.yaml").unlink()
+    changed = config_to_dict(load_config(tiny_run["config"], ["loss.beta=0.5", "train.save_interval=1", "train.max_steps=4"]))
+    with pytest.raises(SpinMegaError, match=r"\(loss\.beta: 0\.1 -> 0\.5\)"):
+        check_resume(workdir, changed, ignore=NOT_READ_BY_TRAINING, fallback=saved_config(workdir))
+
+    # The run's length may change: steps 3 and 4 follow the schedule of a 4-step run (linear decay from
+    # optim.lr 1e-3, no warm-up), where the 2-step checkpoint's own schedule would have trained them at lr 0.
+    longer = _train(tiny_run, workdir, 4)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    rows = read_metrics(workdir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert [row["lr"] for row in rows[2:]] == pytest.approx([1e-3 * (1 - 2 / 4), 1e-3 * (1 - 3 / 4)], rel=1e-6)
+    assert [row["lr"] for row in rows[:2]] == pytest.approx([1e-3, 1e-3 * (1 - 1 / 2)], rel=1e-6)  # kept as trained
+
+
+# ---- 10. two processes in one work directory --------------------------------------------------------------
+
+def test_a_training_in_a_running_loops_directory_is_refused_on_every_rank(tiny_run, trained, tmp_path):
+    """A `spin-mega train` (here 2 ranks under torchrun) in iter_0/train of a run that another process
+    holds: rank 0 finds the lock taken and every rank stops with the holder named; nothing is touched."""
+    run_dir = tmp_path / "run"
+    workdir = _copy(trained, run_dir / "iter_0" / "train")
+    (run_dir / "config.yaml").write_text(tiny_run["config"].read_text())
+    before = _files_but_the_lock(workdir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom spin_mega.rundir import hold_lock\n"
+         "with hold_lock(sys.argv[1], 'spin-mega run loop.yaml'):\n    print('held', flush=True)\n    time.sleep(600)\n",
+         str(run_dir)], stdout=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items() if k != "SPIN_MEGA_LOCK_TOKEN"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = spin_mega("train", str(tiny_run["config"]), "--workdir", str(workdir), "--max-steps", "4",
+                           "--set", "train.save_interval=1", nproc=2, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines()
+                if line.startswith(f"spin-mega train: error: {run_dir} is in use by `spin-mega run loop.yaml` (pid {holder.pid} on ")]
+    assert len(refusals) == 2, result.stderr[-3000:]  # one per rank: none was left waiting
+    assert _files_but_the_lock(workdir) == before

@@ -129,6 +129,27 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoints(tiny_
     assert json.loads((work / "train_summary.json").read_text())["health"]["status"] == "healthy"
 
 
+def test_finite_loss_with_a_non_finite_gradient_norm_stops_the_run(tiny_run, tmp_path):
+    """Step 2's loss is finite but one gradient element is inf (written into the optimizer's main gradient
+    after step 2's gradients are prepared): the norm check alone must stop the run before the update."""
+    work = tmp_path / "grad"
+    returncode, stderr = _run_killing_on_timeout(
+        [sys.executable, str(Path(__file__).with_name("inf_grad_launcher.py")), "2", "train", str(tiny_run["config"]),
+         "--workdir", str(work), "--max-steps", "4", "--set", "train.save_interval=1"],
+        timeout=300,
+    )
+    assert returncode == EXIT_UNHEALTHY, stderr[-3000:]
+    (error,) = _error_lines(stderr)
+    assert "training stopped before the update of step 2: the gradient norm is not finite" in error and "step_000001" in error
+    rows = _strict_rows(work)
+    assert [r["step"] for r in rows] == [1, 2]
+    last = rows[-1]
+    assert isinstance(last["loss"], float) and math.isfinite(last["loss"]) and last["non_finite"] == ["grad_norm"]
+    assert last["grad_norm"] is None and last["update_applied"] is False
+    assert (work / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    assert json.loads((work / UNHEALTHY_MARKER).read_text())["cause"] == "the gradient norm is not finite (NaN or inf)"
+
+
 @pytest.mark.slow
 def test_pipeline_stages_agree_on_a_loss_only_the_last_stage_sees(tiny_run, tmp_path):
     # The first stage's gradients stay finite; without the agreement it would apply its update while the last

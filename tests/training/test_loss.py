@@ -43,12 +43,33 @@ def test_logistic_loss_is_ln2_when_policy_equals_opponent():
     assert out.reward_margin.abs().max().item() == 0.0
 
 
-def test_gradient_pushes_chosen_up_and_rejected_down():
+@pytest.mark.parametrize("loss_type", ["logistic", "hinge"])
+def test_gradient_pushes_chosen_up_and_rejected_down(loss_type):
     pc = torch.tensor([-10.0], requires_grad=True)
     pr = torch.tensor([-12.0], requires_grad=True)
-    out = spin_loss(pc, pr, torch.tensor([-10.0]), torch.tensor([-12.0]), beta=0.1)
+    out = spin_loss(pc, pr, torch.tensor([-10.0]), torch.tensor([-12.0]), beta=0.1, loss_type=loss_type)
     out.loss.backward()
     assert pc.grad.item() < 0 < pr.grad.item()  # descent raises log p(chosen), lowers log p(rejected)
+
+
+def test_hinge_loss_has_the_papers_sign_and_margin():
+    """max(0, 1 - t), t = beta * (chosen ratio - rejected ratio): 1 at t = 0, falling with the margin the policy
+    gives the human response, 0 (and no gradient) once t passes 1; growing, slope beta, when it prefers its own."""
+    beta = 0.5
+    opponent = torch.tensor([-20.0, -20.0, -20.0])
+    shifts = torch.tensor([0.0, 1.0, 4.0])  # t = beta * 2 * shift: 0, 1, 4
+    pc = (opponent + shifts).requires_grad_()
+    pr = (opponent - shifts).requires_grad_()
+    losses = [spin_loss(pc[i : i + 1], pr[i : i + 1], opponent[i : i + 1], opponent[i : i + 1], beta, "hinge").loss.item() for i in range(3)]
+    assert losses == [1.0, 0.0, 0.0]
+    out = spin_loss(pc[:1] - 3.0, pr[:1] + 3.0, opponent[:1], opponent[:1], beta, "hinge")  # t = -3: prefers its own
+    assert out.loss.item() == pytest.approx(4.0)
+    out.loss.backward()
+    assert pc.grad[0].item() == pytest.approx(-beta) and pr.grad[0].item() == pytest.approx(beta)
+    beyond = spin_loss(pc[2:], pr[2:], opponent[2:], opponent[2:], beta, "hinge")
+    pc.grad = pr.grad = None
+    beyond.loss.backward()
+    assert pc.grad.abs().sum().item() == 0.0 and pr.grad.abs().sum().item() == 0.0
 
 
 def test_large_margins_do_not_overflow():

@@ -1,14 +1,21 @@
 """MFU and NVML telemetry pieces that run without a GPU: the peak table, the parameter count behind MFU
 (against HF transformers' own models), the handle lookup by PCI bus id, and NVML failures switching
-telemetry off instead of stopping training (real pynvml: on a machine without a driver its nvmlInit fails)."""
+telemetry off instead of stopping training (real pynvml: on a machine without a driver its nvmlInit fails).
+NVML doubles are create_autospec of the installed pynvml, and every NVML name the code uses must exist in it."""
 
 from __future__ import annotations
+
+import ast
+import re
+from importlib.metadata import version
+from unittest.mock import create_autospec
 
 import pynvml
 import pytest
 
 from spin_mega.config import ModelConfig
 from spin_mega.training.telemetry import GpuTelemetry, non_embedding_params, nvml_pci_bus_id, peak_flops, peak_for_device_name
+from tests.support import REPO
 
 
 @pytest.mark.parametrize(
@@ -79,38 +86,80 @@ def test_a_failing_nvml_turns_telemetry_off_with_one_line():
     assert len(lines) == 1 and "GPU telemetry off" in lines[0] and "00000000:3B:00.0" in lines[0]
 
 
-class _NvmlWithoutPower:
-    """pynvml's interface up to a power query that raises pynvml's own NotSupported error, as on MIG."""
-
-    def __init__(self):
-        self.opened = []
-
-    def nvmlInit(self):
-        pass
-
-    def nvmlDeviceGetHandleByPciBusId_v2(self, bus_id):
-        self.opened.append(("pci", bus_id))
-        return object()
-
-    def nvmlDeviceGetHandleByIndex(self, index):  # never to be used: indices ignore CUDA_VISIBLE_DEVICES
-        raise AssertionError("NVML handle looked up by index")
-
-    def nvmlDeviceGetMemoryInfo(self, handle):
-        return type("Memory", (), {"used": 3 * 2**30})()
-
-    def nvmlDeviceGetUtilizationRates(self, handle):
-        return type("Utilization", (), {"gpu": 87})()
-
-    def nvmlDeviceGetPowerUsage(self, handle):
-        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+@pytest.fixture(scope="module")
+def nvml_module_spec():
+    """A double of the installed nvidia-ml-py built from the module itself: every function has its real
+    signature, and a name the module does not define raises AttributeError, as the real one would."""
+    return create_autospec(pynvml)
 
 
-def test_handle_is_found_by_pci_bus_id_and_a_failing_query_stops_telemetry_once():
-    nvml = _NvmlWithoutPower()
+def _working_nvml(spec, power=None):
+    nvml = spec
+    nvml.reset_mock(return_value=True, side_effect=True)
+    nvml.nvmlDeviceGetHandleByPciBusId.return_value = "handle"
+    nvml.nvmlDeviceGetHandleByIndex.side_effect = AssertionError("NVML handle looked up by index")
+    nvml.nvmlDeviceGetMemoryInfo.return_value = pynvml.c_nvmlMemory_t(total=80 * 2**30, free=77 * 2**30, used=3 * 2**30)
+    nvml.nvmlDeviceGetUtilizationRates.return_value = pynvml.c_nvmlUtilization_t(gpu=87, memory=40)
+    if power is None:
+        nvml.nvmlDeviceGetPowerUsage.return_value = 412_500  # milliwatts
+    else:
+        nvml.nvmlDeviceGetPowerUsage.side_effect = power
+    return nvml
+
+
+def test_handle_is_opened_by_pci_bus_id_and_sampled(nvml_module_spec):
+    nvml = _working_nvml(nvml_module_spec)
     lines = []
-    telemetry = GpuTelemetry(identity=("pci", "00000000:C1:00.0"), nvml=nvml, log=lines.append)
-    assert telemetry.enabled and nvml.opened == [("pci", "00000000:C1:00.0")]
-    assert telemetry.sample() == {}
-    assert telemetry.sample() == {}
+    telemetry = GpuTelemetry(identity=("pci", "00000000:C1:00.0"), nvml=nvml, log=lines.append, torch_peak_bytes=lambda: 5 * 2**30)
+    assert telemetry.enabled and not lines
+    nvml.nvmlDeviceGetHandleByPciBusId.assert_called_once_with("00000000:C1:00.0")
+    assert telemetry.sample() == {"torch_max_allocated_gib": 5.0, "gpu_mem_used_gib": 3.0, "gpu_util_pct": 87.0, "gpu_power_w": 412.5}
+    nvml.nvmlDeviceGetMemoryInfo.assert_called_with("handle")
+
+
+def test_handle_by_uuid_when_torch_reports_no_pci_address(nvml_module_spec):
+    nvml = _working_nvml(nvml_module_spec)
+    nvml.nvmlDeviceGetHandleByUUID.return_value = "handle"
+    telemetry = GpuTelemetry(identity=("uuid", "GPU-0f3a"), nvml=nvml, log=[].append, torch_peak_bytes=None)
+    assert telemetry.enabled
+    nvml.nvmlDeviceGetHandleByUUID.assert_called_once_with("GPU-0f3a")
+
+
+def test_a_failing_query_stops_nvml_once_and_keeps_torchs_peak(nvml_module_spec):
+    nvml = _working_nvml(nvml_module_spec, power=pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED))
+    lines = []
+    telemetry = GpuTelemetry(identity=("pci", "00000000:C1:00.0"), nvml=nvml, log=lines.append, torch_peak_bytes=lambda: 2**30)
+    assert telemetry.enabled
+    # The benchmark's peak-memory column comes from torch: it fills whether or not NVML works.
+    assert telemetry.sample() == {"torch_max_allocated_gib": 1.0}
+    assert telemetry.sample() == {"torch_max_allocated_gib": 1.0}
     assert not telemetry.enabled
     assert len(lines) == 1 and "Not Supported" in lines[0]
+
+
+def _nvml_names_called(paths) -> dict[str, list[str]]:
+    """Every NVML API name the code refers to (attribute, name or `from pynvml import`), with where."""
+    found: dict[str, list[str]] = {}
+    for path in paths:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, ast.ImportFrom) and node.module == "pynvml":
+                names = [alias.name for alias in node.names]
+            for name in names:
+                if re.match(r"nvml[A-Z]", name):  # NVML's API names: nvmlInit, nvmlDeviceGet...
+                    found.setdefault(name, []).append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def test_every_nvml_function_the_code_calls_exists_in_nvidia_ml_py():
+    sources = [p for folder in ("spin_mega", "kernels", "conversion", "benchmarks") for p in (REPO / folder).rglob("*.py")]
+    called = _nvml_names_called(sources)
+    # The scan finds what it is meant to find: the handle lookup and the driver query are both in there.
+    assert {"nvmlDeviceGetHandleByPciBusId", "nvmlInit", "nvmlSystemGetDriverVersion"} <= set(called), called
+    missing = {name: where for name, where in called.items() if not callable(getattr(pynvml, name, None))}
+    assert not missing, f"not defined by nvidia-ml-py {version('nvidia-ml-py')}: {missing}"
