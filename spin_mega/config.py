@@ -119,6 +119,13 @@ class DataConfig:
     # one; null: none), and BOS: "auto" adds the tokenizer's BOS when the template does not write it.
     system_prompt: Optional[str] = None
     add_bos: Literal["auto", "never"] = "auto"
+    # Sequence packing (data/packing.py, docs/packing.md): each micro-batch is one row of many pairs'
+    # sequences, at most pack_tokens tokens, attention kept within each sequence; no FLOP goes to padding.
+    # null pack_tokens: 2 x train.micro_batch_size x max_length (a padded micro-batch at the length limit).
+    # On by default: same losses as padding, no FLOPs on padding (docs/packing.md); false: one padded row
+    # per sequence.
+    packing: bool = True
+    pack_tokens: Optional[int] = None
 
 
 @dataclass
@@ -490,6 +497,7 @@ NUMERIC_RANGES: dict[str, Range] = {
     "data.max_length": Range(2),
     "data.max_samples": AT_LEAST_1,
     "data.shuffle_seed": NON_NEGATIVE,  # numpy's generators refuse negative seeds
+    "data.pack_tokens": AT_LEAST_1,  # and at least data.max_length when packing (_validate_packing)
     "loss.beta": POSITIVE,
     "loss.label_smoothing": Range(0, 0.5, high_open=True),  # the fraction of pairs assumed mislabelled
     "loss.sft_weight": NON_NEGATIVE,
@@ -568,6 +576,7 @@ def validate(cfg: SpinConfig) -> None:
     _validate_loss(cfg.loss)
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
+    _validate_packing(cfg.data)
     m = cfg.model
     if m.hf_config is None:
         if m.num_attention_heads % m.num_query_groups:
@@ -624,6 +633,21 @@ def _validate_loss(loss: LossConfig) -> None:
     if loss.loss_type == "robust" and not loss.label_smoothing:
         raise ConfigError(
             "loss.loss_type robust needs loss.label_smoothing in (0, 0.5); with 0 it is the logistic loss, so use logistic"
+        )
+
+
+def _validate_packing(d: DataConfig) -> None:
+    if not d.packing or d.pack_tokens is None:
+        return  # the default row (2 x micro_batch_size x max_length) always holds a whole pair
+    if d.pack_tokens < d.max_length:
+        raise ConfigError(
+            f"data.pack_tokens ({d.pack_tokens}) is smaller than data.max_length ({d.max_length}): a packed row "
+            "must hold at least one whole sequence"
+        )
+    if d.pack_tokens < 2 * (d.max_prompt_length + 1):
+        raise ConfigError(
+            f"data.pack_tokens ({d.pack_tokens}) cannot hold both sequences of a pair with the longest prompt: "
+            f"it must be at least 2 x (data.max_prompt_length + 1) = {2 * (d.max_prompt_length + 1)}"
         )
 
 

@@ -17,6 +17,8 @@ Steps (GPU shapes; the smoke mode runs the same scripts on tiny shapes):
   train_step       benchmarks/train_step.py: a Llama-3.2-1B-shaped model initialised in memory, sequence
                    length 2048, both opponent modes (tokens/s, MFU against the nominal bf16 peak, peak
                    GPU memory); nothing is saved
+  packing          benchmarks/packing.py: the same model, packed against padded steps on the same pairs
+                   (UltraChat-like lengths at the paper's limits), ratio of real tokens/s, padding fractions
 
 Every step counts its warm-up (cold torch.compile and Triton compiles, the first training steps) apart
 from its timed figures, and rewrites its results file as soon as each figure exists: a step stopped by its
@@ -57,7 +59,7 @@ NOMINAL_PEAKS = (
     ("A100", 1.555e12, 312e12, "A100 40GB"),
 )
 
-STEP_NAMES = ("environment", "preflight", "logprob_kernels", "fused_linear", "train_step")
+STEP_NAMES = ("environment", "preflight", "logprob_kernels", "fused_linear", "train_step", "packing")
 
 
 def nominal_peaks(device_name: str) -> dict:
@@ -136,9 +138,9 @@ def injected(kind: str) -> None:
 
 
 def step_commands(smoke: bool, steps_dir: Path) -> list[tuple[str, list[str], int]]:
-    """(name, command, timeout in seconds) of each step. GPU timeouts sum to 440 s: with run.sh's install
-    (under a minute), within the 8 minutes a device session can spare (15 minutes in all, a machine's start of
-    3-4 minutes included). Typical times are well under the limits; the limits bound a hang."""
+    """(name, command, timeout in seconds) of each step. GPU timeouts sum to 440 s, 530 s with the packing step:
+    with run.sh's install (under a minute), within the 10 minutes one device command may run (15 minutes in all,
+    a machine's start of 3-4 minutes included). Typical times are well under the limits; the limits bound a hang."""
     py = sys.executable
     kernels = [py, str(BENCH / "logprob_kernels.py"), "--no-plot"]
     if smoke:
@@ -166,7 +168,20 @@ def step_commands(smoke: bool, steps_dir: Path) -> list[tuple[str, list[str], in
          timeouts["fused_linear"]),
         ("train_step", [py, str(BENCH / "train_step.py"), *train, "--json", str(steps_dir / "train_step.json")],
          timeouts["train_step"]),
+        packing_step(smoke, steps_dir),
     ]
+
+
+def packing_step(smoke: bool, steps_dir: Path) -> tuple[str, list[str], int]:
+    """Packed against padded SPIN steps (benchmarks/packing.py), its own step so that it runs, times out or
+    fails on its own. GPU: the 1B shape in bf16 at the paper's lengths (prompt 512, sequence 1024, replies
+    256), 32 pairs a step, 4 timed steps per layout after 2 of warm-up, in 90 s."""
+    script = [sys.executable, str(BENCH / "packing.py"), "--json", str(steps_dir / "packing.json")]
+    if smoke:
+        return "packing", script + ["--shape", "tiny", "--scale", "8", "--steps", "1", "--warmup", "1",
+                                    "--global-batch", "8", "--micro-batch", "2"], 480
+    return "packing", script + ["--shape", "1b", "--scale", "1", "--steps", "4", "--warmup", "2",
+                                "--global-batch", "32", "--micro-batch", "2"], 90
 
 
 def run_step(name: str, command: list[str], timeout_s: int, out_json: Path) -> dict:
@@ -313,10 +328,25 @@ def markdown(report: dict) -> str:
                 f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {_fmt(r.get('peak_gpu_allocated_gib'), '.1f')} | "
                 f"{_fmt(r.get('peak_host_rss_gib'), '.1f')} | {warmup} | {_fmt(r.get('startup_s_to_first_step'), '.1f')} |"
             )
+    lines += packing_markdown((steps.get("packing") or {}).get("result") or {})
     failed = [s for s in report["steps"] if s["status"] != "ok"]
     for s in failed:
         lines += ["", f"### {s['name']}: {s['status']}", "```", s["output_tail"][-1200:].rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def packing_markdown(result: dict) -> list[str]:
+    if not result.get("results"):
+        return []
+    lines = ["", f"## Packed against padded steps, {result.get('shape')} model, {result.get('global_batch_pairs')} pairs per step",
+             f"Same pairs, same process, alternating; padded: {result.get('padded_micro_batch_pairs')} pairs per micro-batch, "
+             f"length-bucketed; packed: rows of at most {result.get('pack_tokens')} tokens. Lengths: {result['lengths']['law']}.", "",
+             "| layout | step s | real tokens/s | padding | micro-batches per step |", "| --- | --- | --- | --- | --- |"]
+    for mode, r in result["results"].items():
+        lines.append(f"| {mode} | {_fmt(r.get('median_step_s'))} | {_fmt(r.get('real_tokens_per_s'), '.0f')} | "
+                     f"{_fmt(r.get('padding_fraction'), '.1%')} | {_fmt(r.get('micro_batches_per_step'), '.1f')} |")
+    lines.append(f"\nreal tokens/s, packed / padded: {_fmt(result.get('packed_over_padded_real_tokens_per_s'), '.2f')}")
+    return lines
 
 
 def _slug(name: str) -> str:

@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
                         help="log-prob head: fused with the output layer, or full logits then the kernel")
     parser.add_argument("--sequence-parallel", choices=("on", "off"), default="on",
                         help="sequence parallelism at TP > 1 (parallel.sequence_parallel): splits the hidden-sized activations over TP")
+    parser.add_argument("--packing", choices=("on", "off"), default="on",
+                        help="packed rows (data.packing, the default) or padded micro-batches")
+    parser.add_argument("--pack-tokens", type=int, default=None,
+                        help="tokens per packed row (data.pack_tokens); default 2 x micro-batch x seq-len, the padded worst case")
     parser.add_argument("--tp", type=int, default=None, help="consider only this tensor-parallel size")
     parser.add_argument("--pp", type=int, default=None, help="consider only this pipeline-parallel size")
     parser.add_argument("--ep", type=int, default=None, help="MoE models: consider only this expert-parallel size")
@@ -61,6 +65,7 @@ def run(args) -> int:
         optimizer=args.optimizer, distributed_optimizer=args.distributed_optimizer == "on", logprobs=args.logprobs,
         tensor_parallel=args.tp, pipeline_parallel=args.pp, expert_parallel=args.ep, expert_tensor_parallel=args.etp,
         sequence_parallel=args.sequence_parallel == "on", peak_tflops=args.peak_tflops,
+        pack_tokens=(args.pack_tokens or 2 * args.micro_batch * args.seq_len) if args.packing == "on" else None,
     )
     layouts, best = plan(req)
     total = total_params(model)
@@ -77,6 +82,7 @@ def run(args) -> int:
         f"{args.micro_batch} pair(s) per micro-batch, {args.global_batch} per step, {args.optimizer}"
         f"{' (sharded over DP by the distributed optimizer)' if req.distributed_optimizer else ' (replicated on every DP rank)'}, "
         f"opponent {args.opponent}, log-probs {args.logprobs}"
+        + (f", packed rows of at most {req.pack_tokens} tokens" if req.pack_tokens else ", padded micro-batches")
     )
     if args.opponent == "precompute":
         print("opponent: precomputed once before training, a table of 2 float64 per pair (16 B; 0.8 MB for 50k pairs) "
@@ -121,6 +127,7 @@ def run(args) -> int:
     sets = [f"--set train.micro_batch_size={args.micro_batch}", f"--set train.global_batch_size={args.global_batch}",
             f"--set train.opponent={args.opponent}", f"--set optim.optimizer={args.optimizer}",
             f"--set data.max_length={args.seq_len}", f"--set parallel.sequence_parallel={'true' if req.sequence_parallel else 'false'}", f"--set parallel.distributed_optimizer={'true' if req.distributed_optimizer else 'false'}"]
+    sets.append(f"--set data.packing=true --set data.pack_tokens={req.pack_tokens}" if req.pack_tokens else "--set data.packing=false")
     if best.recompute:
         sets.append("--set train.recompute=full")
     if args.logprobs == "full_logits":

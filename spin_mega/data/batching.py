@@ -199,6 +199,12 @@ class PairBatchSampler:
         plan = self._epoch_plan(self.epoch_of(step))
         return plan[step % self.steps_per_epoch, self.dp_rank].tolist()
 
+    def global_batch(self, step: int) -> list[int]:
+        """Every pair of optimizer step `step`, over all data-parallel ranks (what packing regroups)."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        return self._epoch_plan(self.epoch_of(step))[step % self.steps_per_epoch].reshape(-1).tolist()
+
     def padding_fraction(self, micro_batches: Sequence[Sequence[int]]) -> float:
         return padding_fraction(self.lengths, micro_batches)
 

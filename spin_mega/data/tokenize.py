@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from spin_mega.config import DataConfig
 from spin_mega.data.chat import encode_prompts, render_prompt, render_response, require_chat_template
+from spin_mega.data.packing import fit_pair
 from spin_mega.data.sources import (
     OPPONENT_COLUMNS,
     is_pair_dataset,
@@ -32,13 +33,15 @@ from spin_mega.data.sources import (
 from spin_mega.errors import DataError
 
 _KEPT, _MALFORMED, _EMPTY_RESPONSE, _PROMPT_TOO_LONG = 0, 1, 2, 3
-_HELPER_COLUMNS = ("_status", "_prompt_truncated", "_response_truncated")
+_HELPER_COLUMNS = ("_status", "_prompt_truncated", "_response_truncated", "_cut_to_pack")
 
 
 @dataclass
 class TokenizeStats:
     """What tokenization kept, skipped and cut. `prompt_truncated` and `response_truncated` count kept
-    pairs (a pair whose chosen or rejected response, or both, lost tokens counts once)."""
+    pairs (a pair whose chosen or rejected response, or both, lost tokens counts once);
+    `cut_to_pack_tokens` the kept pairs whose responses were cut further so that the pair fits one
+    packed row of data.pack_tokens (data/packing.py fit_pair)."""
 
     rows_in: int = 0
     rows_kept: int = 0
@@ -47,6 +50,7 @@ class TokenizeStats:
     prompt_too_long_dropped: int = 0
     prompt_truncated: int = 0
     response_truncated: int = 0
+    cut_to_pack_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -56,6 +60,7 @@ class TokenizeStats:
             f"{self.rows_kept} of {self.rows_in} pairs kept; skipped {self.malformed} malformed, "
             f"{self.empty_response} with an empty response, {self.prompt_too_long_dropped} with a prompt over "
             f"the limit; truncated {self.prompt_truncated} prompts and {self.response_truncated} responses"
+            + (f"; cut {self.cut_to_pack_tokens} pairs to fit data.pack_tokens" if self.cut_to_pack_tokens else "")
         )
 
 
@@ -82,6 +87,7 @@ def _tokenize_batch(
     keep_end: bool,
     with_logps: bool,
     options: Optional[DataConfig] = None,
+    pack_tokens: Optional[int] = None,
 ) -> dict:
     n = len(batch["prompt"])
     status = [_KEPT] * n
@@ -123,6 +129,7 @@ def _tokenize_batch(
         "_status": status,
         "_prompt_truncated": [False] * n,
         "_response_truncated": [False] * n,
+        "_cut_to_pack": [False] * n,
     }
 
     for k, i in enumerate(live):
@@ -141,6 +148,11 @@ def _tokenize_batch(
         if len(chosen) > room or len(rejected) > room:
             chosen, rejected = chosen[:room], rejected[:room]
             out["_response_truncated"][i] = True
+        if pack_tokens is not None:
+            room = fit_pair(len(prompt), len(chosen), len(rejected), pack_tokens)
+            if len(chosen) > room or len(rejected) > room:
+                chosen, rejected = chosen[:room], rejected[:room]
+                out["_cut_to_pack"][i] = True
         out["prompt_ids"][i], out["chosen_ids"][i], out["rejected_ids"][i] = prompt, chosen, rejected
         out["pair_length"][i] = len(prompt) + max(len(chosen), len(rejected))
     if with_logps:
@@ -191,7 +203,8 @@ def tokenize_pairs(
     }
     if with_logps:
         features.update({c: datasets.Value("float64") for c in OPPONENT_COLUMNS})
-    features.update({"_status": datasets.Value("int8"), "_prompt_truncated": datasets.Value("bool"), "_response_truncated": datasets.Value("bool")})
+    features.update({"_status": datasets.Value("int8"), "_prompt_truncated": datasets.Value("bool"),
+                     "_response_truncated": datasets.Value("bool"), "_cut_to_pack": datasets.Value("bool")})
 
     tokenized = rows.map(
         _tokenize_batch,
@@ -206,6 +219,8 @@ def tokenize_pairs(
             "keep_end": cfg.prompt_truncation == "keep_end",
             "with_logps": with_logps,
             "options": cfg,
+            # Only a row smaller than a pair at the length limits cuts anything (the default never does).
+            "pack_tokens": cfg.pack_tokens if cfg.packing else None,
         },
         desc="tokenizing pairs",
         **map_cache_kwargs(rows),
@@ -222,6 +237,7 @@ def tokenize_pairs(
         prompt_too_long_dropped=int((status == _PROMPT_TOO_LONG).sum()),
         prompt_truncated=int(pc.sum(table["_prompt_truncated"]).as_py() or 0),
         response_truncated=int(pc.sum(table["_response_truncated"]).as_py() or 0),
+        cut_to_pack_tokens=int(pc.sum(table["_cut_to_pack"]).as_py() or 0),
     )
     if stats.rows_kept == 0:
         raise DataError(

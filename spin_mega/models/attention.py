@@ -1,5 +1,5 @@
 """Fused core attention for when Transformer Engine is absent: flash-attn when installed (GPU, 16-bit),
-else PyTorch's scaled_dot_product_attention.
+else PyTorch's scaled_dot_product_attention; packed (THD) micro-batches go to models/packed_attention.py.
 
 Megatron's local `DotProductAttention` materialises the [b, heads, s, s] score matrix; both paths here
 avoid that (SDPA dispatches to flash / memory-efficient kernels on GPU and a blocked kernel on CPU). The
@@ -17,6 +17,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from spin_mega.models.packed_attention import choose_backend, packed_attention
 
 try:
     from flash_attn import flash_attn_func
@@ -58,8 +60,13 @@ class SDPAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support attention bias")
+        if packed_seq_params is not None:
+            # megatron squeezed the THD stream to [t, heads, d]; each packed sequence attends to itself only.
+            backend, _ = choose_backend(query.is_cuda, query.dtype, transformer_engine=False)
+            out = packed_attention(query, key, value, packed_seq_params, self.softmax_scale, backend)
+            return out.reshape(query.shape[0], self.projection_per_partition)
         # Right padding only: under a causal mask no real token attends to a later pad, so no explicit
         # padding mask is needed and SDPA keeps its fast causal path.
         sq, b = query.shape[0], query.shape[1]

@@ -99,6 +99,7 @@ class PlanRequest:
     expert_parallel: Optional[int] = None  # MoE only; None: every candidate dividing the experts
     expert_tensor_parallel: int = 1
     peak_tflops: float = 989.0  # nominal dense bf16 peak per GPU (H100 / H200 SXM)
+    pack_tokens: Optional[int] = None  # packed rows of at most this many tokens (data.pack_tokens); None: padded
 
 
 @dataclass
@@ -251,13 +252,12 @@ def plan_layout(req: PlanRequest, tp: int, pp: int, ep: int = 1) -> LayoutPlan:
     dp = world // (tp * pp)
     etp = req.expert_tensor_parallel if m.is_moe else 1
     expert_dp = world // (etp * ep * pp)
-    micro = req.global_batch // (req.micro_batch * dp)
+    micro, tokens = micro_batches_and_tokens(req, dp)
     dtype_bytes = 2 if req.dtype == "bf16" else 4
     sharded = req.distributed_optimizer and dp > 1
     expert_sharded = req.distributed_optimizer and expert_dp > 1
     pipeline = resolve_layout(m.num_layers, pp)
     layout = LayoutPlan(tp, pp, dp, micro, pipeline.bubble_fraction(micro), sharded, pipeline, ep=ep, expert_dp=expert_dp)
-    tokens = 2 * req.micro_batch * req.seq_len  # chosen + rejected
     h_split = tp if (req.sequence_parallel and tp > 1) else 1
     layer_input = dtype_bytes * tokens * m.hidden_size / h_split
     one_layer = layer_activation_bytes(m, tp, req.sequence_parallel, dtype_bytes, tokens, req.seq_len, etp)
@@ -304,6 +304,17 @@ def plan_layout(req: PlanRequest, tp: int, pp: int, ep: int = 1) -> LayoutPlan:
         layout.fits, layout.recompute = True, True
     layout.step_seconds = estimated_step_seconds(req, layout)
     return layout
+
+
+def micro_batches_and_tokens(req: PlanRequest, dp: int) -> tuple[int, int]:
+    """Micro-batches per step and tokens per micro-batch, at the worst case of every sequence at seq_len:
+    padded, micro_batch pairs of chosen + rejected rows; packed, one row of at most pack_tokens tokens
+    holding as many whole pairs as fit (at least one: a pair longer than the row is cut to fit it)."""
+    pairs = req.global_batch // dp
+    if req.pack_tokens is None:
+        return pairs // req.micro_batch, 2 * req.micro_batch * req.seq_len  # chosen + rejected
+    per_row = max(1, req.pack_tokens // (2 * req.seq_len))
+    return -(-pairs // per_row), min(req.pack_tokens, per_row * 2 * req.seq_len)
 
 
 def model_flops_per_step(req: PlanRequest) -> float:
@@ -392,6 +403,8 @@ def plan(req: PlanRequest) -> tuple[list[LayoutPlan], Optional[LayoutPlan]]:
     """Every candidate layout, and the fastest that fits (None when none does)."""
     if req.seq_len < 2 or req.micro_batch < 1 or req.global_batch < 1 or req.nodes < 1 or req.gpus_per_node < 1:
         raise ConfigError("sequence length, micro-batch, global batch, nodes and GPUs per node must be positive")
+    if req.pack_tokens is not None and req.pack_tokens < req.seq_len:
+        raise ConfigError(f"--pack-tokens ({req.pack_tokens}) is smaller than --seq-len ({req.seq_len}): a packed row must hold at least one whole sequence")
     layouts = [plan_layout(req, tp, pp, ep) for tp, pp, ep in candidate_layouts(req)]
     if not layouts:
         raise ConfigError(

@@ -10,6 +10,8 @@ the same report, so what `env` says is what `train` does. Choices:
 - log-probs: `train.logprobs` (training/logprobs.py), run as compiled Triton on CUDA, the Triton interpreter
   under TRITON_INTERPRET=1, else the kernels' chunked PyTorch path (spin_mega.kernels).
 - sequence parallelism: on when asked and TP > 1; distributed optimizer: when asked (training/optim.py).
+- packing: `data.packing`; its attention kernel is models/packed_attention.py's `choose_backend` (TE, flash-attn
+  varlen, torch varlen_attn, FlexAttention, or SDPA per sequence on CPU).
 - mixture of experts (models/moe.py): the all-to-all token dispatcher with CUDA, the all-gather one on gloo;
   one grouped GEMM for the experts with Transformer Engine or `grouped_gemm` on CUDA, else one GEMM each.
 """
@@ -101,6 +103,15 @@ def training_choices(cfg: SpinConfig) -> list[Choice]:
             reason = "flash-attn not installed" if attention.flash_attn_func is None else "flash-attn needs 16-bit CUDA tensors"
             choices.append(Choice("attention", "sdpa", f"{te_why}; {reason}: torch scaled_dot_product_attention"))
         choices.append(Choice("norm", "torch RMSNorm (spin_mega.models.norm)", f"{te_why}; supports sequence parallelism"))
+    if cfg.data.packing:
+        from spin_mega.data.packing import resolve_pack_tokens
+        from spin_mega.models.packed_attention import choose_backend
+
+        backend, why = choose_backend(cuda, dtype, te)
+        rows = resolve_pack_tokens(cfg.data.pack_tokens, cfg.train.micro_batch_size, cfg.data.max_length)
+        choices.append(Choice("packing", backend, f"data.packing=true, rows of at most {rows} tokens; {why}"))
+    else:
+        choices.append(Choice("packing", "off", "data.packing=false: one padded row per sequence"))
     impl = resolve_impl(cfg.train.logprobs)
     if triton_available():
         backend = "triton interpreter (TRITON_INTERPRET=1)" if interpreter_enabled() else "triton (compiled)"

@@ -16,6 +16,7 @@ import torch
 
 from spin_mega.config import LossConfig
 from spin_mega.models.moe import isolated_router_state, routing_padding_mask
+from spin_mega.models.packed_attention import packed_seq_params
 from spin_mega.training.logprobs import check_label_range, response_rows, sequence_logprobs
 from spin_mega.training.loss import spin_loss
 
@@ -23,7 +24,10 @@ from spin_mega.training.loss import spin_loss
 class PolicyOpponent(torch.nn.Module):
     """This stage's policy chunk and, in fused mode, the opponent's chunk of the same stage."""
 
-    def __init__(self, policy: torch.nn.Module, opponent: Optional[torch.nn.Module], vocab_size: int, logprob_impl: str):
+    def __init__(
+        self, policy: torch.nn.Module, opponent: Optional[torch.nn.Module], vocab_size: int, logprob_impl: str,
+        packed_backend: str = "sdpa_per_segment",
+    ):
         super().__init__()
         self.policy = policy
         # Held outside the module tree: the opponent is frozen and must stay out of DDP buffers,
@@ -31,6 +35,7 @@ class PolicyOpponent(torch.nn.Module):
         self._opponent = [opponent] if opponent is not None else []
         self.vocab_size = vocab_size
         self.logprob_impl = logprob_impl
+        self.packed_backend = packed_backend  # models/packed_attention.choose_backend
         self._input_tensor: Optional[torch.Tensor] = None
 
     @property
@@ -49,11 +54,18 @@ class PolicyOpponent(torch.nn.Module):
         self._input_tensor = tensor
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, rows: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor,
+        rows: Optional[torch.Tensor] = None,
+        packed=None,
+        segments: Optional[tuple[torch.Tensor, int, int]] = None,
     ) -> torch.Tensor:
         """Non-last stages return hidden states [s, b', h]; the last stage returns per-sequence log-prob sums:
         [2B] for the policy, followed by the opponent's [2B] in fused mode. `rows`: the labelled positions
-        (`response_rows`), precomputed on the host."""
+        (`response_rows`), precomputed on the host. A packed micro-batch (one row of many sequences) brings
+        its `packed` sequence parameters and the `segments` its sums are taken over."""
         # The chunk's own flag: under interleaving only the last chunk of the last stage ends the model.
         last_stage = self.policy.post_process
         incoming = self._input_tensor
@@ -64,26 +76,29 @@ class PolicyOpponent(torch.nn.Module):
             opponent.set_input_tensor(incoming[:, half:].detach())
         elif incoming is not None:
             self.policy.set_input_tensor(incoming)
-        # MoE: right padding stays out of the routers' balancing statistics (None for a dense model).
+        # MoE: right padding stays out of the routers' balancing statistics (None for a dense model). A packed
+        # row [1, t] has padding only after its last sequence, which is what the mask marks there too.
         padding = routing_padding_mask(self.policy, labels)
         moe_kwargs = {} if padding is None else {"padding_mask": padding}
-        policy_hidden = self.policy(input_ids, position_ids, None, **moe_kwargs)
+        policy_hidden = self.policy(input_ids, position_ids, None, packed_seq_params=packed, **moe_kwargs)
         if last_stage:
-            outputs = [sequence_logprobs(self.policy, policy_hidden, labels, self.vocab_size, self.logprob_impl, rows)]
+            outputs = [sequence_logprobs(self.policy, policy_hidden, labels, self.vocab_size, self.logprob_impl, rows, segments)]
         else:
             outputs = [policy_hidden]
         if opponent is not None:
             # The balancing loss and the routers' running counts belong to the policy alone (models/moe.py).
             with torch.no_grad(), isolated_router_state(opponent):
-                opponent_hidden = opponent(input_ids, position_ids, None, **moe_kwargs)
+                opponent_hidden = opponent(input_ids, position_ids, None, packed_seq_params=packed, **moe_kwargs)
                 if last_stage:
-                    opponent_hidden = sequence_logprobs(opponent, opponent_hidden, labels, self.vocab_size, self.logprob_impl, rows)
+                    opponent_hidden = sequence_logprobs(
+                        opponent, opponent_hidden, labels, self.vocab_size, self.logprob_impl, rows, segments
+                    )
             outputs.append(opponent_hidden)
         return torch.cat(outputs, dim=0 if last_stage else 1)
 
 
 def _loss_func(batch: dict, loss_cfg: LossConfig, fused: bool, output: torch.Tensor):
-    n = batch["input_ids"].shape[0] // 2  # pairs in this micro-batch
+    n = batch["num_response_tokens"].numel() // 2  # pairs in this micro-batch
     policy = output[: 2 * n]
     if fused:
         opponent = output[2 * n :]
@@ -96,6 +111,10 @@ def _loss_func(batch: dict, loss_cfg: LossConfig, fused: bool, output: torch.Ten
         label_smoothing=loss_cfg.label_smoothing, sft_weight=loss_cfg.sft_weight,
         chosen_tokens=tokens[:n], rejected_tokens=tokens[n:],
     )
+    # megatron divides each micro-batch's loss by the micro-batch count M; `loss_scale` = n M / P (P: this
+    # rank's pairs in the step) turns that into the per-pair mean of the step whatever n each micro-batch
+    # holds (packed rows hold different counts; padded ones n = P / M, a scale of exactly 1).
+    loss = out.loss * batch.get("loss_scale", 1.0)
     # Sums (not means) over the micro-batch's pairs, reduced later over micro-batches and DP ranks.
     stats = torch.stack(
         [
@@ -104,6 +123,7 @@ def _loss_func(batch: dict, loss_cfg: LossConfig, fused: bool, output: torch.Ten
             out.reward_rejected.sum(),
             out.reward_accuracy.sum(),
             torch.tensor(float(n), device=policy.device),
+            (out.reward_chosen.abs() + out.reward_rejected.abs()).sum(),
             policy[:n].detach().sum(),
             policy[n:].detach().sum(),
             tokens[:n].sum(),
@@ -111,34 +131,45 @@ def _loss_func(batch: dict, loss_cfg: LossConfig, fused: bool, output: torch.Ten
             out.sft_nll.sum(),
         ]
     )
-    return out.loss, {"stats": stats}
+    return loss, {"stats": stats}
 
 
 STAT_NAMES = (
-    "loss", "reward_chosen", "reward_rejected", "reward_accuracy", "pairs", "logp_chosen", "logp_rejected",
-    "chosen_tokens", "rejected_tokens", "sft_nll",
+    "loss", "reward_chosen", "reward_rejected", "reward_accuracy", "pairs", "reward_abs", "logp_chosen",
+    "logp_rejected", "chosen_tokens", "rejected_tokens", "sft_nll",
 )
+
+
+def _unwrap(model) -> PolicyOpponent:
+    return model if isinstance(model, PolicyOpponent) else model.module
 
 
 def _host_label_rows(batch: dict, model) -> torch.Tensor:
     """Check the batch's labels and find its labelled positions on the host copy, once per micro-batch:
     the kernels then skip their per-call check, and the device never waits on the host for either."""
-    module = model if isinstance(model, PolicyOpponent) else model.module
-    check_label_range(batch["labels"], module.vocab_size)
+    check_label_range(batch["labels"], _unwrap(model).vocab_size)
     return response_rows(batch["labels"])
+
+
+def _model_inputs(batch: dict, model, device: torch.device) -> dict:
+    """The model's arguments for one micro-batch, moved to `device` without waiting for the copies."""
+    inputs = {
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "position_ids": batch["position_ids"].to(device, non_blocking=True),
+        "labels": batch["labels"].to(device, non_blocking=True),
+        "rows": _host_label_rows(batch, model).to(device, non_blocking=True),
+    }
+    if "cu_seqlens" in batch:
+        inputs["packed"] = packed_seq_params(batch["cu_seqlens"], device, _unwrap(model).packed_backend)
+        sequences = batch["num_response_tokens"].numel()
+        inputs["segments"] = (batch["logp_slots"].to(device, non_blocking=True), sequences, batch["logp_width"])
+    return inputs
 
 
 def make_forward_step(loss_cfg: LossConfig, fused: bool) -> Callable:
     def forward_step(data_iterator, model: PolicyOpponent):
         batch = next(data_iterator)
-        device = next(model.parameters()).device
-        rows = _host_label_rows(batch, model)
-        output = model(
-            batch["input_ids"].to(device, non_blocking=True),
-            batch["position_ids"].to(device, non_blocking=True),
-            batch["labels"].to(device, non_blocking=True),
-            rows.to(device, non_blocking=True),
-        )
+        output = model(**_model_inputs(batch, model, next(model.parameters()).device))
         return output, partial(_loss_func, batch, loss_cfg, fused)
 
     return forward_step
@@ -149,9 +180,7 @@ def make_logprob_step() -> Callable:
 
     def forward_step(data_iterator, model: PolicyOpponent):
         batch = next(data_iterator)
-        device = next(model.parameters()).device
-        rows = _host_label_rows(batch, model)
-        output = model(batch["input_ids"].to(device), batch["position_ids"].to(device), batch["labels"].to(device), rows.to(device))
+        output = model(**_model_inputs(batch, model, next(model.parameters()).device))
 
         def collect(out):
             return torch.zeros((), device=out.device), {"logps": out.detach().float(), "index": batch["index"]}

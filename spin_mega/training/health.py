@@ -24,14 +24,20 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from spin_mega.errors import TrainingUnhealthy
 from spin_mega.io import atomic_write_json, read_jsonl
 from spin_mega.rundir import UNHEALTHY_MARKER, read_stop
 
+if TYPE_CHECKING:
+    from spin_mega.training.first_step import FirstStepCheck
+
 # The order of the agreed vector; the non-finite flags are counts of ranks that saw them.
 _LOSS_BAD, _LOGPS_BAD, _GRAD_BAD, _CHOSEN_DELTA, _CHOSEN_TOKENS, _REJECTED_DELTA, _REJECTED_TOKENS = range(7)
+# Sums over the step's pairs for the first-step check (training/first_step.py).
+_LOSS_SUM, _PAIRS, _REWARD_ABS, _LOGP_ABS, _SFT_NLL = range(7, 12)
+_OWN = 12  # the guard's own sums; a caller's `also` vector follows them
 _WHAT = {_LOSS_BAD: "the loss", _LOGPS_BAD: "the log-probs", _GRAD_BAD: "the gradient norm"}
 
 
@@ -70,6 +76,7 @@ class StepHealth:
     rejected_change: Optional[float]
     collapsed: bool  # chosen_change below -bound
     stop_cause: Optional[str] = None  # a sentence fragment; set when the run must stop at this step
+    advice: Optional[str] = None  # what to try, when the default (a lower learning rate) does not fit the cause
     also: object = None  # the caller's `also` vector summed over every rank (a float64 tensor), or None
 
     def metrics(self) -> dict:
@@ -92,6 +99,7 @@ class HealthGuard:
     log: Callable[[str], None] = print
     first_collapse: Optional[dict] = None
     lowest_chosen_change: Optional[float] = None
+    first_step: Optional[FirstStepCheck] = None  # checked at step 1 (a run that starts the iteration)
 
     def step(self, optimizer, outputs: list, device, step: int, also=None) -> StepHealth:
         """Replaces `optimizer.step()` for optimizer step number `step` (1-based). Collective over all ranks.
@@ -106,9 +114,9 @@ class HealthGuard:
         from spin_mega.training.forward import STAT_NAMES
 
         extra = 0 if also is None else also.numel()
-        vector = torch.zeros(7 + extra, dtype=torch.float64, device=device)
+        vector = torch.zeros(_OWN + extra, dtype=torch.float64, device=device)
         if extra:
-            vector[7:] = also
+            vector[_OWN:] = also
         if outputs:
             # Tensor operations only: one host synchronisation for the whole check, at the all-reduce.
             stats = torch.stack([out["stats"] for out in outputs]).to(device, torch.float64)
@@ -120,6 +128,11 @@ class HealthGuard:
             vector[_CHOSEN_TOKENS] = col["chosen_tokens"].sum()
             vector[_REJECTED_DELTA] = col["reward_rejected"].sum() / self.beta
             vector[_REJECTED_TOKENS] = col["rejected_tokens"].sum()
+            vector[_LOSS_SUM] = col["loss"].sum()
+            vector[_PAIRS] = col["pairs"].sum()
+            vector[_REWARD_ABS] = col["reward_abs"].sum()
+            vector[_LOGP_ABS] = -(col["logp_chosen"].sum() + col["logp_rejected"].sum())
+            vector[_SFT_NLL] = col["sft_nll"].sum()
         # Only the fp16 loss scaler reports overflows here; a non-finite norm catches the rest.
         scaler_overflow = optimizer.prepare_grads()
         grad_norm = float(optimizer.get_grad_norm())
@@ -128,7 +141,7 @@ class HealthGuard:
         # A sum over every rank: tensor-parallel ranks repeat the last stage's sums, which scales numerator
         # and denominator alike, and other stages add zeros.
         dist.all_reduce(vector)
-        agreed = vector[:7].tolist()
+        agreed = vector[:_OWN].tolist()
         non_finite = [what for i, what in _WHAT.items() if agreed[i] > 0]
         chosen = agreed[_CHOSEN_DELTA] / agreed[_CHOSEN_TOKENS] if agreed[_CHOSEN_TOKENS] else None
         rejected = agreed[_REJECTED_DELTA] / agreed[_REJECTED_TOKENS] if agreed[_REJECTED_TOKENS] else None
@@ -137,11 +150,18 @@ class HealthGuard:
         if rejected is not None and not math.isfinite(rejected):
             rejected = None
         collapsed = chosen is not None and chosen < -self.bound
-        health = StepHealth(not non_finite, grad_norm, non_finite, chosen, rejected, collapsed, also=vector[7:] if extra else None)
+        health = StepHealth(not non_finite, grad_norm, non_finite, chosen, rejected, collapsed, also=vector[_OWN:] if extra else None)
         if non_finite:
             values = non_finite[0] if len(non_finite) == 1 else ", ".join(non_finite[:-1]) + " and " + non_finite[-1]
             health.stop_cause = f"{values} {'is' if len(non_finite) == 1 else 'are'} not finite (NaN or inf)"
-        elif collapsed:
+        elif step == 1 and self.first_step is not None and agreed[_PAIRS] > 0:
+            pairs = agreed[_PAIRS]
+            cause = self.first_step.problem(
+                agreed[_LOSS_SUM] / pairs, agreed[_REWARD_ABS] / pairs, agreed[_LOGP_ABS] / pairs, agreed[_SFT_NLL] / pairs
+            )
+            if cause is not None:
+                health.stop_cause, health.advice = cause, self.first_step.advice()
+        if not non_finite and health.stop_cause is None and collapsed:
             self._note_collapse(step, chosen, rejected)
             if self.stop_on_collapse:
                 health.stop_cause = (
@@ -204,13 +224,15 @@ def stop_message(record: dict) -> str:
     )
 
 
-def record_stop(workdir: Path, step: int, cause: str, last_good: str, lr: float, clip_grad: float) -> dict:
+def record_stop(
+    workdir: Path, step: int, cause: str, last_good: str, lr: float, clip_grad: float, advice: Optional[str] = None
+) -> dict:
     """Writes WORKDIR/unhealthy.json (call on one rank) and returns its content."""
     record = {
         "step": step,
         "cause": cause,
         "last_good": last_good,
-        "advice": (
+        "advice": advice or (
             f"try a lower optim.lr (it is {lr:g})"
             + ("" if clip_grad > 0 else " with optim.clip_grad > 0")
             + " in a new --workdir"

@@ -65,12 +65,18 @@ def sequence_logprobs(
     vocab_size: int,
     impl: str,
     rows: torch.Tensor | None = None,
+    segments: tuple[torch.Tensor, int, int] | None = None,
 ) -> torch.Tensor:
     """hidden [s, b, h] (sequence-parallel shards allowed), labels [b, s] -> float32 [b] sums over
     response tokens (labels != -100). `rows`: `response_rows(labels)` on the same device, precomputed
     from the host labels (default: computed here, at the cost of one device synchronisation). Labels
     must already be range-checked (`check_label_range`): the kernels are called without their per-call
-    check."""
+    check.
+
+    A packed micro-batch (b = 1, many sequences in the row) passes `segments` = (slots, sequences, width)
+    from `collate_packed`: the i-th labelled position belongs to sum slots[i] // width, and the result is
+    float32 [sequences]. Computed on the device from host-made indices: no synchronisation per sequence,
+    and each sum adds its sequence's terms in position order, as the padded layout does."""
     b, s = labels.shape
     if rows is None:
         rows = response_rows(labels)
@@ -102,6 +108,10 @@ def sequence_logprobs(
             token_logps = _reference_token_logprobs(logits, flat_labels, vocab_size)
         else:
             raise ValueError(f"unknown log-prob implementation {impl!r}")
+    if segments is not None:
+        slots, sequences, width = segments
+        dense = torch.zeros(sequences * width, dtype=torch.float32, device=token_logps.device)
+        return dense.index_put((slots,), token_logps.float()).view(sequences, width).sum(dim=1)
     # Back to [s, b] positions (0 elsewhere) and summed over the sequence in position order: the same
     # sums, in the same order, as over the full [s, b] grid.
     dense = torch.zeros(s * b, dtype=torch.float32, device=token_logps.device).index_put((rows,), token_logps.float())

@@ -126,7 +126,10 @@ def _pad_to(batch: dict, length: int, pad_id: int) -> dict:
     import torch.nn.functional as F
 
     from spin_mega.data.batching import IGNORE_INDEX
+    from spin_mega.data.packing import pad_packed
 
+    if "cu_seqlens" in batch:
+        return pad_packed(batch, length, pad_id)
     extra = length - batch["input_ids"].shape[1]
     if extra < 0:
         raise AssertionError(f"a micro-batch of length {batch['input_ids'].shape[1]} exceeds {length}")

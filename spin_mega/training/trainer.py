@@ -33,8 +33,9 @@ from spin_mega.io import atomic_write_json
 from spin_mega.models import checkpoint as model_ckpt
 from spin_mega.models import moe
 from spin_mega.models.chunks import build_model_chunks
-from spin_mega.models.gpt import padded_vocab_size, transformer_config
+from spin_mega.models.gpt import have_transformer_engine, padded_vocab_size, transformer_config
 from spin_mega.models.hf_config import resolve_model_config
+from spin_mega.models.packed_attention import choose_backend
 from spin_mega.parallel import distributed
 from spin_mega.rundir import (
     CONFIG, EXIT_PREEMPTED, EXIT_UNHEALTHY, METRICS, NOT_READ_BY_TRAINING, OPPONENT_LOGPS, PREEMPTED_MARKER, START_MCORE,
@@ -46,6 +47,8 @@ from spin_mega.training import metrics
 from spin_mega.training import pipeline
 from spin_mega.training.aux_loss import local_aux_losses, step_aux_loss
 from spin_mega.training.environment import resolve_dtype, summary, training_choices
+from spin_mega.training.first_step import RTOL as FIRST_STEP_RTOL
+from spin_mega.training.first_step import FirstStepCheck
 from spin_mega.training.forward import STAT_NAMES, PolicyOpponent, make_forward_step, make_logprob_step
 from spin_mega.training.logprobs import resolve_impl
 from spin_mega.training.optim import build_optimizer, build_scheduler, uses_distributed_optimizer
@@ -166,25 +169,34 @@ def _load_tokenizer(path: Optional[Path]):
 
 
 class _MicroBatches:
-    """Iterator over collated micro-batches of example indices, with opponent log-probs attached."""
+    """Iterator over collated micro-batches of example indices, with opponent log-probs attached; packed
+    (one THD row per micro-batch, data/packing.py) or padded (one row per sequence)."""
 
-    def __init__(self, dataset, batches: list[list[int]], pad_id: int, opponent: Optional[dict], pad_multiple: int = 8):
+    def __init__(
+        self, dataset, batches: list[list[int]], pad_id: int, opponent: Optional[dict], pad_multiple: int = 8,
+        packed: bool = False,
+    ):
         self.dataset = dataset
         self.pad_multiple = pad_multiple
         self.batches = batches
         self.pad_id = pad_id
         self.opponent = opponent
+        self.packed = packed
         self.tokens = 0  # non-padding tokens
         self.padded_tokens = 0
-        self.max_len = 0
+        self.max_len = 0  # the longest sequence (padded: row) the attention saw
 
     def __iter__(self):
         from spin_mega.data import collate_pairs
+        from spin_mega.data.packing import collate_packed
 
+        collate = collate_packed if self.packed else collate_pairs
+        pairs_in_step = sum(len(indices) for indices in self.batches)
         for indices in self.batches:
             columns = self.dataset[indices]  # one Arrow read for the whole micro-batch
-            batch = collate_pairs(columns, self.pad_id, pad_to_multiple_of=self.pad_multiple)
+            batch = collate(columns, self.pad_id, pad_to_multiple_of=self.pad_multiple)
             batch["index"] = torch.tensor(indices)
+            batch["loss_scale"] = len(indices) * len(self.batches) / pairs_in_step  # see forward._loss_func
             if self.opponent is not None:
                 batch["opponent_logps"] = torch.tensor(
                     [self.opponent["chosen"][i] for i in indices] + [self.opponent["rejected"][i] for i in indices],
@@ -196,7 +208,7 @@ class _MicroBatches:
                 for p, c, r in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"])
             )
             self.padded_tokens += ids.numel()
-            self.max_len = max(self.max_len, ids.shape[1])
+            self.max_len = max(self.max_len, batch["max_seqlen"] if self.packed else ids.shape[1])
             yield batch
 
 
@@ -299,6 +311,21 @@ class Trainer:
         self.total_steps = max(1, total)
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
         pipeline.check_microbatches(self.layout, self.num_microbatches)
+        self.packer = None
+        if cfg.data.packing:
+            from spin_mega.data.packing import PackedPairSampler, pair_tokens, resolve_pack_tokens
+
+            pack_tokens = resolve_pack_tokens(cfg.data.pack_tokens, cfg.train.micro_batch_size, cfg.data.max_length)
+            # The interleaved schedule runs micro-batches in groups of PP: the packer makes that many rows.
+            multiple = self.layout.pipeline_parallel if self.layout.interleaved else 1
+            # MoE over data-parallel ranks: equal row counts, which an expert-parallel group spanning them needs
+            # (tokens are exchanged in every forward); at any EP, so that the rows, and with them the balancing
+            # loss's per-micro-batch token statistics, do not depend on the expert-parallel layout.
+            self.packer = PackedPairSampler(
+                self.sampler, pair_tokens(self.dataset), pack_tokens, multiple,
+                equal_rows=self.model_cfg.is_moe and self.dp_size > 1,
+            )
+            _log(f"packing: each step's pairs in rows of at most {pack_tokens} tokens (data.pack_tokens)")
         _log(self.layout.describe(self.num_microbatches))
 
     def _build(self) -> list[torch.nn.Module]:
@@ -329,6 +356,9 @@ class Trainer:
         policy = self.policies[0]
         # Sequence parallelism splits the sequence over TP ranks, so padded lengths must divide evenly.
         self.pad_multiple = math.lcm(8, policy.config.tensor_model_parallel_size) if policy.config.sequence_parallel else 8
+        # A packed row is padded only as far as the layout needs: to a multiple of TP when sequence
+        # parallelism splits it (kernels need no more; the padding tail is a sequence of its own).
+        self.pack_multiple = policy.config.tensor_model_parallel_size if policy.config.sequence_parallel else 1
         if self.start.mcore_dir is not None:
             model_ckpt.load_model(self.policies, self.start.mcore_dir)
         opponents = [None] * len(self.policies)
@@ -339,8 +369,9 @@ class Trainer:
                 opponent.requires_grad_(False)
                 opponent.eval()
         self.logprob_impl = resolve_impl(cfg.train.logprobs)
+        packed_backend, _ = choose_backend(torch.cuda.is_available(), self.dtype, have_transformer_engine())
         modules = [
-            PolicyOpponent(chunk, opponent, self.model_cfg.vocab_size, self.logprob_impl)
+            PolicyOpponent(chunk, opponent, self.model_cfg.vocab_size, self.logprob_impl, packed_backend)
             for chunk, opponent in zip(self.policies, opponents)
         ]
         self.overlap_grad_reduce = cfg.parallel.overlap_grad_reduce
@@ -368,6 +399,7 @@ class Trainer:
             "response_rows_only": True,
             "label_checks": "host, once per micro-batch",
             "overlap_grad_reduce": self.overlap_grad_reduce,
+            "packing": f"{packed_backend} attention" if self.packer is not None else "off",
         }
         _log("performance paths: " + ", ".join(f"{k}={v}" for k, v in self.performance_paths.items()))
         config.grad_scale_func = self.optimizer.scale_loss if self.dtype == torch.float16 else None
@@ -433,6 +465,34 @@ class Trainer:
         dist.barrier()
         return table
 
+    # ---- one step ------------------------------------------------------------------------------------
+    def step_data(self, step: int, opponent_table: Optional[dict], packed: Optional[bool] = None) -> _MicroBatches:
+        """This rank's micro-batches of optimizer step `step`: packed when packing is on (or `packed`
+        says so), else padded; the same pairs either way."""
+        packed = self.packer is not None if packed is None else packed
+        if packed:
+            batches = self.packer.microbatches_for_step(step)
+            return _MicroBatches(self.dataset, batches, self.pad_id, opponent_table, self.pack_multiple, packed=True)
+        batches = self.sampler.microbatches_for_step(step)
+        return _MicroBatches(self.dataset, batches, self.pad_id, opponent_table, self.pad_multiple)
+
+    def forward_backward(self, data: _MicroBatches, forward_step) -> list:
+        """Zeroed gradients, then the schedule's forward and backward over the step's micro-batches."""
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=pipeline.data_iterators(
+                data, self.model_chunks, self.pad_id, equal_across_ranks=self.equal_lengths
+            ),
+            model=self.model_chunks,
+            num_microbatches=len(data.batches),
+            seq_length=self.cfg.data.max_length,
+            micro_batch_size=2 * self.cfg.train.micro_batch_size * (2 if self.fused else 1),
+            forward_only=False,
+        )
+
     # ---- the loop -----------------------------------------------------------------------------------
     def _write_meta(self, path: Path) -> None:
         model_ckpt.write_meta(path, self.model_cfg, self.dtype, self.padded_vocab)
@@ -450,11 +510,13 @@ class Trainer:
             self.start.mcore_dir,
         )
 
-    def _stop_unhealthy(self, step: int, cause: str) -> int:
+    def _stop_unhealthy(self, step: int, cause: str, advice: Optional[str] = None) -> int:
         """Leaves the checkpoints and `latest` as they are; the state that failed is never saved."""
         last_good = train_ckpt.latest_checkpoint(self.workdir) or self.start.mcore_dir or "none (the random initialisation)"
         if dist.get_rank() == 0:
-            record = health.record_stop(self.workdir, step, cause, str(last_good), self.cfg.optim.lr, self.cfg.optim.clip_grad)
+            record = health.record_stop(
+                self.workdir, step, cause, str(last_good), self.cfg.optim.lr, self.cfg.optim.clip_grad, advice
+            )
         dist.barrier()
         if dist.get_rank() == 0:
             raise TrainingUnhealthy(health.stop_message(record))
@@ -489,7 +551,6 @@ class Trainer:
         stop = _StopFlag()
         stop.install()
         telemetry = GpuTelemetry()
-        forward_backward = get_forward_backward_func()
         forward_step = make_forward_step(cfg.loss, self.fused)
         writer = _is_metrics_writer()
         counts_metrics = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -501,27 +562,15 @@ class Trainer:
         metrics_path = self.workdir / METRICS
         peak = peak_flops(cfg.train.peak_tflops)
         guard = health.HealthGuard(cfg.train.collapse_bound, cfg.train.on_collapse == "stop", cfg.loss.beta, _log)
+        precision = "bf16" if self.dtype == torch.bfloat16 else "fp16" if self.dtype == torch.float16 else "fp32"
+        guard.first_step = FirstStepCheck(cfg.loss, FIRST_STEP_RTOL[precision])
         guard.replay(metrics_path)
         metrics_log = metrics.open_metrics(cfg, self.workdir, start_step, writer, _device())
         try:
             for step in range(start_step, self.total_steps):
                 t0 = time.perf_counter()
-                batches = self.sampler.microbatches_for_step(step)
-                data = _MicroBatches(self.dataset, batches, self.pad_id, opponent_table, self.pad_multiple)
-                for chunk in self.model_chunks:
-                    chunk.zero_grad_buffer()
-                self.optimizer.zero_grad()
-                outputs = forward_backward(
-                    forward_step_func=forward_step,
-                    data_iterator=pipeline.data_iterators(
-                        data, self.model_chunks, self.pad_id, equal_across_ranks=self.equal_lengths
-                    ),
-                    model=self.model_chunks,
-                    num_microbatches=self.num_microbatches,
-                    seq_length=cfg.data.max_length,
-                    micro_batch_size=2 * cfg.train.micro_batch_size * (2 if self.fused else 1),
-                    forward_only=False,
-                )
+                data = self.step_data(step, opponent_table)
+                outputs = self.forward_backward(data, forward_step)
                 aux_local = local_aux_losses(self.model_cfg, _device())
                 lr = self.optimizer.param_groups[0]["lr"]
                 # This step's sums ride the health guard's all-reduce: the metrics from one rank per data-parallel
@@ -546,8 +595,9 @@ class Trainer:
                 stats, tokens = checked.also[:n_stats], checked.also[n_stats : n_stats + 2]
                 aux_loss = None
                 if n_aux:
+                    # Packed steps run as many micro-batches as their rows (with MoE, as many on every rank).
                     aux_loss = step_aux_loss(
-                        self.model_cfg, checked.also[n_stats + 2 : n_stats + 2 + n_aux], self.num_microbatches, self.dp_size
+                        self.model_cfg, checked.also[n_stats + 2 : n_stats + 2 + n_aux], len(data.batches), self.dp_size
                     )
                 stop_agreed = checked.also[-1].item() > 0
                 if writer:
@@ -569,9 +619,12 @@ class Trainer:
                     row.update(checked.metrics())
                     metrics_log.write(row)
                     progress.update(1)
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
+                    progress.set_postfix(
+                        loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
+                        tok_s=f"{row['tokens_per_s']:.0f}", pad=f"{row['padding_fraction']:.1%}",
+                    )
                 if checked.stop_cause is not None:
-                    return self._stop_unhealthy(done, checked.stop_cause)
+                    return self._stop_unhealthy(done, checked.stop_cause, checked.advice)
                 save_due = cfg.train.save_interval and done % cfg.train.save_interval == 0 and done < self.total_steps
                 if stop_agreed:
                     self._save(done)

@@ -38,9 +38,10 @@ def test_smoke_run_records_every_step_in_order(smoke_run):
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # failed steps make the run fail
     steps = {s["name"]: s for s in report["steps"]}
     assert [s["name"] for s in report["steps"]] == [
-        "environment", "preflight", "logprob_kernels", "injected_crash", "fused_linear", "injected_hang", "train_step"
+        "environment", "preflight", "logprob_kernels", "injected_crash", "fused_linear", "injected_hang", "train_step",
+        "packing",
     ]
-    for name in ("environment", "preflight", "logprob_kernels", "fused_linear", "train_step"):
+    for name in ("environment", "preflight", "logprob_kernels", "fused_linear", "train_step", "packing"):
         assert steps[name]["status"] == "ok", steps[name]["output_tail"]
     assert steps["injected_crash"]["status"] == "killed by signal 6"
     assert steps["injected_hang"]["status"] == "timed out after 5 s"
@@ -116,6 +117,18 @@ def test_smoke_run_training_step_both_opponent_modes(smoke_run):
     assert "| precompute |" in markdown and "| fused |" in markdown
     # The failed steps' output is kept in the report, under their own heading.
     assert "### injected_crash: killed by signal 6" in markdown
+
+
+@pytest.mark.slow
+def test_smoke_run_packed_against_padded_steps(smoke_run):
+    """The packing step trains the same pairs packed and padded: the packed rows carry almost no padding
+    (the UltraChat-like lengths pad the bucketed rows by ~20%), and the ratio of real tokens/s is reported."""
+    _, report, markdown = smoke_run
+    packing = {s["name"]: s for s in report["steps"]}["packing"]["result"]
+    results = packing["results"]
+    assert results["packed"]["padding_fraction"] < 0.05 < results["padded"]["padding_fraction"]
+    assert packing["packed_over_padded_real_tokens_per_s"] > 0
+    assert "## Packed against padded steps" in markdown and "| packed |" in markdown
 
 
 def test_a_run_killed_midway_keeps_the_steps_before(tmp_path):

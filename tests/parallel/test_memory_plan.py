@@ -202,6 +202,22 @@ def test_uneven_pipeline_split_is_the_trainers():
     assert layout.bubble == pytest.approx(5 / 64)
 
 
+def test_packed_rows_hold_as_many_whole_pairs_as_fit():
+    """Packed rows (data.packing): the default row, 2 x micro_batch x seq_len tokens, is the padded micro-batch's
+    worst case, so memory and micro-batch count match the padded plan; a row of 4 such pairs holds 4 pairs
+    (a quarter of the micro-batches, 4x the tokens each); a row between whole pairs holds the whole ones."""
+    req = mp.PlanRequest(model=MISTRAL_7B, nodes=1, gpus_per_node=8)
+    padded = mp.plan_layout(req, 2, 1)
+    default = mp.plan_layout(replace(req, pack_tokens=2 * 1 * 2048), 2, 1)
+    assert default.microbatches == padded.microbatches == 16
+    assert default.stages[0].activations == padded.stages[0].activations
+    wide = mp.plan_layout(replace(req, pack_tokens=4 * 2 * 2048), 2, 1)
+    assert wide.microbatches == 4
+    assert mp.micro_batches_and_tokens(replace(req, pack_tokens=4 * 2 * 2048), 4) == (4, 16384)
+    assert mp.micro_batches_and_tokens(replace(req, pack_tokens=3 * 2048), 4) == (16, 4096)
+    assert wide.stages[0].activations > 3.9 * padded.stages[0].activations
+
+
 # ------------------------------------------------------------------------------------------- the command
 
 
@@ -225,6 +241,7 @@ def test_plan_command_prints_layouts_and_the_sbatch_line(llama70b_dir):
     assert "launch/train.sbatch CONFIG.yaml --workdir W --nodes 4 --gpus-per-node 8" in out
     assert f"--tp 8 --pp 4 --set start_model={llama70b_dir}" in out
     assert "<- chosen" in out
+    assert "packed rows of at most 4096 tokens" in out and "--set data.packing=true --set data.pack_tokens=4096" in out
 
 
 def test_plan_command_takes_an_uneven_split(llama70b_dir):
@@ -238,6 +255,7 @@ def test_plan_command_takes_an_uneven_split(llama70b_dir):
     (["--tp", "16", "--gpus-per-node", "16"], "tensor parallel 16 must divide the model's 8 key/value groups"),
     (["--pp", "96", "--nodes", "12"], "pipeline parallel 96 would leave a stage with no layers: the model has only 80 layers"),
     (["--tp", "8", "--pp", "3", "--nodes", "2"], "TP 8 x PP 3 does not divide the 16 GPUs"),
+    (["--pack-tokens", "1024"], "--pack-tokens (1024) is smaller than --seq-len (2048): a packed row must hold"),
 ])
 def test_plan_refuses_impossible_layouts_in_one_sentence(llama70b_dir, args, message):
     result = spin_mega("plan", "--model", str(llama70b_dir), *args)

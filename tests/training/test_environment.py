@@ -32,6 +32,8 @@ def test_env_command_reports_the_cpu_paths():
     assert choices["sequence parallel"] == "on"
     assert choices["distributed optimizer"] == "on"
     assert choices["process groups"] == "gloo"
+    assert choices["packing"] == "sdpa_per_segment"  # data.packing's default; its attention per sequence on CPU
+    assert "rows of at most 1024 tokens" in out  # 2 x micro_batch_size 4 x max_length 128
 
 
 def test_report_follows_the_config_and_the_kernel_mode():
@@ -44,6 +46,7 @@ def test_report_follows_the_config_and_the_kernel_mode():
     assert choices["log-probs"] == "triton"
     assert choices["sequence parallel"] == "off"
     assert choices["distributed optimizer"] == "off"
+    assert _choices(environment.report(load_config(None, ["data.packing=false"])))["packing"] == "off"
 
 
 def test_env_refuses_a_missing_config(tmp_path):

@@ -88,7 +88,9 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoints(tiny_
     first = _train(tiny_run, work, *settings, max_steps=3)
     assert first.returncode == 0, first.stderr[-3000:]
     healthy = _strict_rows(work)
-    assert [r["collapse"] for r in healthy] == [False] * 3 and healthy[0]["logp_chosen_per_token_change"] == 0.0
+    assert [r["collapse"] for r in healthy] == [False] * 3
+    # policy = opponent at step 1: 0, to the rounding of the packed step against the padded opponent pass.
+    assert healthy[0]["logp_chosen_per_token_change"] == pytest.approx(0.0, abs=1e-6)
     kept = _checkpoint_files(work)
     assert (work / "checkpoints" / "latest").read_text().strip() == "step_000003"
     (work / "train_summary.json").unlink()
@@ -200,3 +202,46 @@ def test_collapse_at_a_high_learning_rate_is_warned_once_and_recorded(tiny_run, 
     assert f"before the update of step {flagged[0]}" in error and "train.collapse_bound" in error
     assert [r["step"] for r in _strict_rows(stop_work)] == list(range(1, flagged[0] + 1))
     assert not (stop_work / "checkpoints").exists()
+
+
+def test_first_step_check_tolerance_follows_the_log_prob_sums():
+    """The allowed deviation is rtol x beta x the pairs' log-prob sums (times the loss's slope near zero
+    rewards for the loss): a loss or reward within it passes, beyond it the check names the loss, its closed
+    form and the mean |reward|."""
+    from spin_mega.config import LossConfig
+    from spin_mega.training.first_step import RTOL, FirstStepCheck
+
+    check = FirstStepCheck(LossConfig(beta=0.1), rtol=RTOL["fp32"])
+    logp_abs = 200.0  # |log p(chosen)| + |log p(rejected)|: tolerance 1e-5 x 0.1 x 200 = 2e-4
+    assert check.problem(math.log(2.0), 0.0, logp_abs) is None
+    assert check.problem(math.log(2.0) + 1.5e-4, 1.5e-4, logp_abs) is None
+    off_loss = check.problem(math.log(2.0) + 5e-4, 1e-4, logp_abs)
+    assert off_loss and "0.693647" in off_loss and "0.693147" in off_loss
+    assert check.problem(math.log(2.0), 3e-4, logp_abs)  # a reward off while the loss is not (errors that cancel)
+    # bf16: 2e-2 of the sums, 0.4 here, lets rounding through but not a leak of whole nats per token.
+    loose = FirstStepCheck(LossConfig(beta=0.1, loss_type="hinge"), rtol=RTOL["bf16"])
+    assert loose.problem(1.0 + 0.05, 0.05, logp_abs) is None
+    assert "hinge loss" in loose.problem(1.0 + 0.05, 5.0, logp_abs)
+    # ipo with the SFT term: the closed form 1 / (4 beta^2) plus the weight times the policy's own NLL.
+    ipo = FirstStepCheck(LossConfig(beta=0.5, loss_type="ipo", sft_weight=2.0), rtol=RTOL["fp32"])
+    assert ipo.problem(1.0 + 2.0 * 3.0, 0.0, logp_abs, sft_nll=3.0) is None
+    assert ipo.problem(1.0, 0.0, logp_abs, sft_nll=3.0)
+
+
+def test_first_step_off_the_closed_form_stops_the_run(tiny_run, tmp_path):
+    """An opponent table that is not the start model's (here: wrong by tens of nats): the first step's loss is
+    off ln 2, and the run stops before the update with one sentence naming the loss, its closed form and what
+    to try, keeps no checkpoint and records the stop."""
+    work = tmp_path / "w"
+    work.mkdir()
+    pairs = [json.loads(line) for line in Path(tiny_run["pairs"]).read_text().splitlines()]
+    table = {"chosen": [-50.0] * len(pairs), "rejected": [-60.0] * len(pairs), "prompt_id": [p["prompt_id"] for p in pairs]}
+    (work / "opponent_logps.json").write_text(json.dumps(table))
+    stopped = _train(tiny_run, work, max_steps=2)
+    assert stopped.returncode == EXIT_UNHEALTHY, stopped.stderr[-3000:]
+    (error,) = _error_lines(stopped.stderr)
+    assert "training stopped before the update of step 1: the first step's loss is" in error
+    assert "the logistic loss of a policy equal to its opponent is 0.693147" in error
+    assert "data.packing=false" in error and "optim.lr" not in error
+    assert not (work / "checkpoints").exists()
+    assert [r["update_applied"] for r in _strict_rows(work)] == [False]

@@ -113,9 +113,11 @@ def test_interleaved_and_uneven_pipelines_match_one_process_and_reshard(six_laye
     resumes at PP 2 over [5, 1] (selective recompute, fused opponent) for a third step with PP 1's loss and
     final weights, and at PP 2 x VPP 2 over [2, 4] with a fused opponent per chunk, with PP 1's loss. Covers:
     uneven splits with and without interleaving, the interleaved opponent precompute and fused opponent,
-    recompute modes, and checkpoints (model and optimizer) loaded at another layout."""
+    recompute modes, and checkpoints (model and optimizer) loaded at another layout. PP 1 pads its
+    micro-batches and the pipelines pack theirs (the default), so each comparison is also packed against
+    padded, the interleaved schedule's one length per step included."""
     base = tmp_path / "pp1"
-    _train(six_layers, base, nproc=1, max_steps=3)
+    _train(six_layers, base, "--set", "data.packing=false", nproc=1, max_steps=3)
     reference = read_metrics(base)
 
     interleaved = tmp_path / "pp2_vpp2"
@@ -156,12 +158,14 @@ def test_interleaved_and_uneven_pipelines_match_one_process_and_reshard(six_laye
     assert "[2, 4] in 2 interleaved chunks" in result.stderr
     _assert_same_step(reference[2], read_metrics(swapped)[2], 1e-5, "resumed at pp2 x vpp2 [2, 4], fused, step 3")
 
+    # Packed against padded, the gradients agree to ~1e-7; three RMSProp updates later (an element whose
+    # gradient is near round-off moves by an amount that round-off sets) the weights agree to 1.3e-5.
     weights, base_weights = _final_weights(resumed), _final_weights(base)
     assert weights.keys() == base_weights.keys()
     for key, ref in base_weights.items():
         if torch.is_tensor(ref):
             rel = ((weights[key] - ref).norm() / ref.norm().clamp(min=1e-12)).item()
-            assert rel <= 1e-5, f"{key} differs by {rel:.2e} (relative)"
+            assert rel <= 3e-5, f"{key} differs by {rel:.2e} (relative)"
 
 
 @pytest.mark.parametrize(

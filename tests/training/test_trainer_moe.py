@@ -1,7 +1,8 @@
-"""`spin-mega train` on a mixture-of-experts model (Qwen3-MoE shape) on CPU over gloo: the SPIN loss stays ln 2
-at the first step with the balancing loss logged beside it as `aux_loss`, the balancing loss reaches the
-gradient, the opponent (fused or precomputed) adds none, and expert parallelism over data-parallel ranks, and
-combined with tensor and pipeline parallelism, trains as one process does."""
+"""`spin-mega train` on a mixture-of-experts model (Qwen3-MoE shape) on CPU over gloo, with packed rows (the
+default data.packing): the SPIN loss stays ln 2 at the first step with the balancing loss logged beside it as
+`aux_loss`, the balancing loss reaches the gradient, the opponent (fused or precomputed) adds none, and expert
+parallelism over data-parallel ranks, and combined with tensor and pipeline parallelism, trains as the same
+data-parallel ranks do without it."""
 
 from __future__ import annotations
 
@@ -55,6 +56,13 @@ def one_process(tiny_run, moe_start, tmp_path_factory) -> list[dict]:
     return _train(tiny_run, moe_start[AUX_COEFF], tmp_path_factory.mktemp("moe_one_process") / "w")
 
 
+@pytest.fixture(scope="module")
+def data_parallel(tiny_run, moe_start, tmp_path_factory) -> list[dict]:
+    """Two data-parallel ranks at EP 1, opponent precomputed, packed (the default): each rank's rows are what an
+    EP 2 run's are, since with MoE every rank packs as many rows (equal_rows) whatever the EP."""
+    return _train(tiny_run, moe_start[AUX_COEFF], tmp_path_factory.mktemp("moe_data_parallel") / "w", nproc=2)
+
+
 def _assert_same_run(actual: list[dict], expected: list[dict]) -> None:
     assert [r["step"] for r in actual] == [r["step"] for r in expected]
     for a, e in zip(actual, expected, strict=True):
@@ -80,20 +88,24 @@ def test_balancing_loss_reaches_the_gradient(tiny_run, moe_start, one_process, t
 
 
 @pytest.mark.slow
-def test_expert_parallel_over_data_parallel_ranks_with_the_fused_opponent(tiny_run, moe_start, one_process, tmp_path):
-    """EP 2 over the 2 data-parallel ranks (the all-gather dispatcher pads both ranks' micro-batches to one
-    length; padding is left out of the routing statistics), with the opponent running fused beside the policy:
-    the same losses, balancing losses and gradient norms as one process with the opponent precomputed. A
-    balancing loss from the opponent's pass would double aux_loss; routing over a different set of tokens, or
-    a balancing loss averaged wrongly over ranks, would change it."""
+def test_expert_parallel_over_data_parallel_ranks_with_the_fused_opponent(tiny_run, moe_start, data_parallel, tmp_path):
+    """EP 2 over the 2 data-parallel ranks, packed (the all-gather dispatcher lengthens both ranks' rows to one
+    length; that padding tail is left out of the routing statistics), with the opponent running fused beside
+    the policy: the same losses, balancing losses and gradient norms as the same two ranks at EP 1 with the
+    opponent precomputed. A balancing loss from the opponent's pass would double aux_loss; routing over a
+    different set of tokens would change it; unequal row counts would hang the token exchange.
+
+    Against two ranks, not one process: packing groups each rank's share of a step into rows, and the
+    balancing loss is a statistic of each micro-batch's tokens, so one process's rows give another aux_loss
+    (1.7e-4 relative measured at the first step); at EP 1 the two ranks' aux_loss averages like EP 2's."""
     metrics = _train(tiny_run, moe_start[AUX_COEFF], tmp_path / "w", "--ep", "2", "--set", "train.opponent=fused", nproc=2)
-    _assert_same_run(metrics, one_process)
+    _assert_same_run(metrics, data_parallel)
 
 
 @pytest.mark.slow
 def test_expert_parallel_with_tensor_and_pipeline_parallel(tiny_run, moe_start, one_process, tmp_path):
-    """TP 2 (sequence parallel) x PP 2 x EP 2 on 4 ranks: the experts of each stage's layer spread over 2 ranks,
-    the routers' token statistics summed over the TP ranks' sequence shards, the padding mask split over them
-    on the second stage too."""
+    """TP 2 (sequence parallel) x PP 2 x EP 2 on 4 ranks, packed like the one process (one data-parallel rank:
+    the same rows): the experts of each stage's layer spread over 2 ranks, the routers' token statistics
+    summed over the TP ranks' sequence shards, the padding mask split over them on the second stage too."""
     metrics = _train(tiny_run, moe_start[AUX_COEFF], tmp_path / "w", "--tp", "2", "--pp", "2", "--ep", "2", nproc=4)
     _assert_same_run(metrics, one_process)
