@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU benchmark run (README, "Benchmarks"). On a fresh copy of the working tree on the GPU
+# The prepared GPU benchmark run (docs/benchmarks.md, docs/gpu.md). On a fresh copy of the working tree on the GPU
 # machine (Python 3.12 with torch, triton, transformers in the image; no network):
 #
 #     benchmarks/gpu/run.sh [--out DIR]         # results in benchmarks/results/gpu_run_<device>.{json,md}

@@ -13,7 +13,8 @@ Tolerance. Both sides are log-prob sums over a response; what can differ between
 rounding, which is relative to the sums. So each pair's |reward_chosen| + |reward_rejected| (beta times the
 sums' differences) must stay within rtol x beta x (|log p(chosen)| + |log p(rejected)|), averaged over the
 step's pairs, and the loss within that amount times the loss's slope near zero rewards (`_slope`) of its
-closed form. rtol is 1e-5 in fp32 (measured: ~1e-7 between packed and padded passes on CPU) and 2e-2 in
+closed form. rtol is 1e-4 in fp32 (packed against padded measures ~1e-7 on CPU, but the same packed step
+re-run in another process of the demo's learning-rate grid measured 8e-6: 1e-5 stopped a healthy run) and 2e-2 in
 bf16/fp16: bf16 keeps 8 bits of mantissa (4e-3 per rounding), and two passes of different shapes round a
 few hundred tokens' log-probs differently (tens of ulps of a sum of hundreds of nats, ~1e-3 relative), so
 2e-2 leaves a margin of ten while a leak across sequences moves a trained model's log-probs by whole nats
@@ -28,7 +29,7 @@ from typing import Optional
 
 from spin_mega.config import LossConfig
 
-RTOL = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-2}
+RTOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
 # Rounding of the loss itself (float32 softplus of ~0): an absolute floor under the relative tolerance.
 LOSS_FLOOR = 1e-6
 
