@@ -35,10 +35,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import dataclasses
-    from pathlib import Path
 
     from spin_mega.config import config_to_dict, load_config
-    from spin_mega.rundir import config_beside, write_resolved_config
     from spin_mega.errors import SpinMegaError
     from spin_mega.generation.runner import generate, merge_shards, shard_from_env
 
@@ -67,8 +65,6 @@ def run(args) -> int:
     if args.backend:
         cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, backend=args.backend))
     gen_cfg = cfg.generation
-    # The config this generation runs with, beside its output (every shard writes the same file).
-    write_resolved_config(config_beside(Path(args.out)), config_to_dict(cfg))
     summary = generate(
         model,
         data,
@@ -80,6 +76,8 @@ def run(args) -> int:
         shard_index=shard_index,
         num_shards=num_shards,
         progress=not args.no_progress,
+        # The config this generation runs with, beside its output (every shard writes the same file).
+        resolved_config=config_to_dict(cfg),
     )
     print(f"spin-mega generate: {summary.out} ({summary.total} rows)")
     return 0

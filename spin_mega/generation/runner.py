@@ -32,6 +32,7 @@ from spin_mega.generation.base import (
     prompt_seed,
 )
 from spin_mega.generation.factory import make_backend
+from spin_mega.rundir import config_beside, write_resolved_config
 
 Data = Union[str, os.PathLike, Sequence[dict]]
 
@@ -209,6 +210,7 @@ def generate(
     num_shards: int = 1,
     progress: bool = True,
     on_flush: Optional[Callable[[list[dict]], None]] = None,
+    resolved_config: Optional[dict] = None,
 ) -> GenerationSummary:
     """Samples one response per prompt of `data` (the first `num_prompts`; of those, every
     `num_shards`-th starting at `shard_index`) with the model in `model_dir`, and writes the rows to
@@ -256,6 +258,9 @@ def generate(
     by_id = {p.row["prompt_id"]: p.index for p in prompts}
 
     final.parent.mkdir(parents=True, exist_ok=True)
+    if resolved_config is not None:
+        # Recorded beside the output once the data has been read and checked: bad input writes nothing.
+        write_resolved_config(config_beside(final), resolved_config)
     partial = partial_path(final)
     done = _read_partial(partial, by_id)
     todo = [p for p in prompts if p.row["prompt_id"] not in done]
