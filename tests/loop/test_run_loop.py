@@ -161,8 +161,9 @@ def test_two_iterations_with_vllm(straight_run):
     for t in (0, 1):
         it = w / f"iter_{t}"
         metrics = [json.loads(l) for l in (it / "train" / "metrics.jsonl").read_text().splitlines()]
-        # theta = theta_t at every iteration's first step: the loss is ln 2.
-        assert abs(metrics[0]["loss"] - math.log(2)) < 1e-6
+        # theta = theta_t at every iteration's first step: the loss is ln 2, up to the rounding between the
+        # packed policy pass and the opponent's one-sequence-per-row pass (1.1e-6 measured on sums of ~60 nats).
+        assert abs(metrics[0]["loss"] - math.log(2)) < 1e-5
         assert (it / "hf" / "config.json").is_file() and (it / "eval.json").is_file()
         gens = read_jsonl(it / "generations.jsonl")
         assert len(gens) == 32 and all(g["rejected"] is not None for g in gens)
