@@ -96,7 +96,12 @@ def _expected_signatures(report: str, workdir: Path, t: int) -> None:
 def _weights(model_dir: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(model_dir / "model.safetensors"))
+    # Every shard: the exporter names a single shard model-00001-of-00001.safetensors, with an index.
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    assert tensors, f"no safetensors in {model_dir}"
+    return tensors
 
 
 @pytest.fixture(scope="module")
