@@ -5,6 +5,8 @@ that the first minute on a GPU does not meet a bug in the preflight itself."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from unittest.mock import create_autospec
 
 import pynvml
@@ -67,4 +69,6 @@ def test_nvml_check_with_a_double_of_nvidia_ml_py(work):
 def test_tp2_step_check_over_gloo(work):
     """The GPU check's own command (bf16, TP 2, sequence parallelism, distributed optimizer) on 2 CPU ranks."""
     detail = preflight.check_tp2_step(work, nproc=2, timeout=300)
-    assert detail.startswith("loss 0.6931 (ln 2)") and detail.endswith("2 ranks")
+    # bf16 over 2 ranks: the first step's loss is ln 2 to bf16 rounding (0.6930 was seen), as the check allows.
+    found = re.fullmatch(r"loss (\d\.\d{4}) \(ln 2\), grad norm \S+, 2 ranks", detail)
+    assert found and abs(float(found[1]) - math.log(2)) <= 1e-2, detail
