@@ -47,7 +47,10 @@ def _cli(capsys, *argv: str) -> str:
 def _train(capsys, tmp_path: Path, start: Path, *extra: str) -> str:
     config = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
     config["start_model"] = str(start)
-    config["data"]["train_path"] = str(tmp_path / "pairs.jsonl")
+    pairs = tmp_path / "pairs.jsonl"
+    # The input checks come first (a missing file is its own refusal): one well-formed pair.
+    pairs.write_text(json.dumps({"prompt_id": "0", "prompt": "2 + 2?", "chosen": "4", "rejected": "5"}) + "\n")
+    config["data"]["train_path"] = str(pairs)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return _cli(capsys, "train", str(path), "--workdir", str(tmp_path / "w"), *extra)
