@@ -233,6 +233,7 @@ RESUME_MAY_CHANGE = {
     "train.save_checkpoints": "whether checkpoints are written, not what is trained",
     "train.peak_tflops": "only the MFU column of metrics.jsonl",
     "train.recompute": "trades memory for compute on the same arithmetic",
+    "train.opponent": "precompute or fused: the same opponent log-probs, computed once or in each step",
     "parallel": "the layout: checkpoints reshard to it (training/checkpoint.py refuses the one case that cannot)",
     "train.max_steps": "the run's length: from the resumed step on, the learning rate follows the schedule of a "
                        "run of the new length",
