@@ -28,8 +28,27 @@ CPU_ENGINE = dict(backend="vllm", gpu_memory_utilization=0.3, kv_cache_gb=0.25, 
 MAX_PROMPT_TOKENS = 256
 
 
+def _spawned_children() -> set[int]:
+    """Live multiprocessing-spawned children of this process (vLLM's engine and workers are started so)."""
+    import psutil
+
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                found.add(child.pid)
+        except psutil.Error:  # gone while being looked at
+            pass
+    return found
+
+
+# Children an earlier module of the same pytest process left spawned, which are not this engine's.
+_SPAWNED_BEFORE: set[int] = set()
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model):
+    _SPAWNED_BEFORE.update(_spawned_children())
     backend = VLLMBackend(tiny_model, gen_config(**CPU_ENGINE), max_prompt_tokens=MAX_PROMPT_TOKENS)
     yield backend
     backend.close()
@@ -56,12 +75,14 @@ def test_engine_kv_cache_is_the_configured_size(engine, tiny_model):
 
 
 def test_engine_runs_in_this_process_and_leaves_the_environment_as_it_was(engine):
-    import psutil
     import vllm.envs
 
-    # vLLM's own engine and worker processes are spawned children (multiprocessing.spawn's spawn_main).
-    spawned = [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
-    assert spawned == [] and engine.llm.llm_engine.engine_core is not None
+    from vllm.v1.engine.core_client import InprocClient
+
+    # The engine core is called in this process (a multiprocess engine talks to it through an MPClient), and
+    # it started no spawned process of its own (multiprocessing.spawn's spawn_main).
+    assert isinstance(engine.llm.llm_engine.engine_core, InprocClient), type(engine.llm.llm_engine.engine_core)
+    assert _spawned_children() - _SPAWNED_BEFORE == set()
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     assert vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING  # a later engine of this process would have its own
 
